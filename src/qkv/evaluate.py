@@ -1,0 +1,103 @@
+"""sacreBLEU BLEU and chrF with their signatures, and the `qkv evaluate` command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from .translate import (
+    add_decoding_arguments,
+    check_decoding_arguments,
+    load_translator,
+    translate_lines,
+)
+
+
+def bleu(hyps: Sequence[str], refs: Sequence[str], *, lowercase: bool = False) -> dict:
+    """Corpus BLEU and chrF of detokenised `hyps` against one reference each (sacreBLEU).
+
+    Returns {"bleu", "chrf": scores 0-100, "bleu_signature", "chrf_signature",
+    "bleu_line", "chrf_line": sacreBLEU's summaries with signature, "sentences"}.
+    """
+    from sacrebleu.metrics import BLEU, CHRF
+
+    if len(hyps) != len(refs):
+        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    bleu_metric, chrf_metric = BLEU(lowercase=lowercase), CHRF(lowercase=lowercase)
+    b = bleu_metric.corpus_score(list(hyps), [list(refs)])
+    c = chrf_metric.corpus_score(list(hyps), [list(refs)])
+    b_sig, c_sig = str(bleu_metric.get_signature()), str(chrf_metric.get_signature())
+    return {
+        "bleu": b.score, "bleu_signature": b_sig, "bleu_line": b.format(signature=b_sig),
+        "chrf": c.score, "chrf_signature": c_sig, "chrf_line": c.format(signature=c_sig),
+        "sentences": len(hyps),
+    }
+
+
+def read_lines(path: str | os.PathLike) -> list[str]:
+    """Lines of a UTF-8 text file (.gz read as gzip), without line ends."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not valid UTF-8") from None
+    return text.splitlines()
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_evaluate_arguments(parser) -> None:
+    add_decoding_arguments(parser, model_required=False)  # --hyp scores a file instead
+    parser.add_argument("--src", help="source file (.gz allowed), translated with --model")
+    parser.add_argument("--hyp", help="score this translation file instead of --model/--src")
+    parser.add_argument("--ref", required=True, help="reference file, one line per source line")
+    parser.add_argument("--lowercase", action="store_true", help="case-insensitive BLEU, chrF")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--output", help="also write the translations to this file")
+
+
+def _hypotheses(args, n_refs: int) -> list[str]:
+    if (args.hyp is None) == (args.model is None):
+        raise ValueError("give either --model DIR with --src FILE, or --hyp FILE")
+    if args.hyp is not None:
+        hyps = read_lines(args.hyp)
+        _same_count(args.hyp, len(hyps), args.ref, n_refs)
+        return hyps
+    if args.src is None:
+        raise ValueError("--model needs --src FILE (the sources to translate)")
+    check_decoding_arguments(args)
+    src = read_lines(args.src)
+    _same_count(args.src, len(src), args.ref, n_refs)
+    model, tokenizer = load_translator(args.model)
+    return translate_lines(model, tokenizer, src, beam=args.beam, batch_size=args.batch_size,
+                           alpha=args.alpha, max_extra=args.max_extra)
+
+
+def _same_count(a: str, n_a: int, b: str, n_b: int) -> None:
+    if n_a != n_b:
+        raise ValueError(f"{a} has {n_a} lines but {b} has {n_b}; they must be aligned")
+
+
+def run_evaluate(args) -> int:
+    """Print BLEU and chrF (with signatures) of --model on --src, or of --hyp, against --ref."""
+    refs = read_lines(args.ref)
+    hyps = _hypotheses(args, len(refs))
+    if args.output:
+        Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    scores = bleu(hyps, refs, lowercase=args.lowercase)
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        print(scores["bleu_line"])
+        print(scores["chrf_line"])
+    return 0

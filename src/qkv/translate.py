@@ -1,0 +1,415 @@
+"""Greedy and beam search over batches of sentences with the KV cache; `qkv translate`.
+
+Both searches encode each batch once, keep the decoder's self-attention K/V in a
+`KVCache` (reordered with the beams) and compute the cross-attention K/V once per
+source: the K beams of a sentence are K consecutive rows of the target batch, B*K rows
+in all, attending to one memory row (`MultiHeadAttention` handles R = K queries per
+key row). Finished sentences are dropped from the batch at once.
+
+Outputs are at most `src_len + max_extra` tokens long (src_len counts the source's real
+tokens, its eos included); a hypothesis reaching that length is ended with eos.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from .attention import KVCache
+from .models import EncoderDecoder
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, decode, encode
+
+NEG_INF = float("-inf")
+
+
+class Hypothesis(NamedTuple):
+    """One output sentence: tokens (no bos/eos), log-probs of each token then of eos, score.
+
+    score is sum(logprobs) for greedy and sum(logprobs) / length_penalty(len + 1) for beam.
+    """
+
+    tokens: list[int]
+    logprobs: Tensor
+    score: float
+
+
+def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
+    """GNMT's lp(Y) = ((5 + |Y|) / 6) ** alpha (Wu et al. 2016, eq. 14); |Y| counts eos."""
+    return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
+
+
+# ------------------------------------------------------------------ shared helpers
+
+
+def _check_args(src: Tensor, model, **ints: int) -> None:
+    if not isinstance(model, EncoderDecoder):
+        raise ValueError(f"decoding needs an EncoderDecoder, got {type(model).__name__}")
+    if src.dim() != 2 or src.dtype != torch.long or src.shape[1] == 0:
+        raise ValueError(f"src must be (B, S) token ids with S >= 1, got {src.dtype} "
+                         f"{tuple(src.shape)}")
+    for name, (value, low) in ints.items():
+        if value < low:
+            raise ValueError(f"{name}={value} must be >= {low}")
+
+
+def _limits(model: EncoderDecoder, src: Tensor, max_len: int | None, max_extra: int) -> Tensor:
+    """(B,) most output tokens (eos excluded) per sentence: src_len + max_extra, capped."""
+    limit = (src != model.cfg.pad_id).sum(1) + max_extra
+    if max_len is not None:
+        limit = limit.clamp(max=max_len)
+    return limit.clamp(max=model.cfg.max_seq_len - 1)  # bos + limit tokens fit the decoder
+
+
+@contextmanager
+def _eval_mode(model: torch.nn.Module):
+    """Dropout off while decoding (training calls us for validation BLEU), mode restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _next_logprobs(model: EncoderDecoder, seqs: Tensor, step: int, memory: Tensor,
+                   src_mask: Tensor, cache: KVCache | None) -> Tensor:
+    """Log-probs (N, V) of the token after seqs[:, :step + 1] (bos at column 0)."""
+    tgt = seqs[:, step : step + 1] if cache is not None else seqs[:, : step + 1]
+    h = model.decoder(tgt, memory, src_mask, cache=cache)  # (N, T, C)
+    return model.logits(h[:, -1]).float().log_softmax(-1)  # (N, V)
+
+
+def _constrain(logp: Tensor, step: int, min_len: int, row_limit: Tensor) -> Tensor:
+    """Never pad or bos; no eos before min_len tokens; only eos once a row has `row_limit`
+    tokens. In place."""
+    logp[:, [PAD_ID, BOS_ID]] = NEG_INF
+    at_limit = row_limit <= step  # (N,)
+    forced = bool(at_limit.any())
+    eos = logp[at_limit, EOS_ID] if forced else None
+    if step < min_len:
+        logp[:, EOS_ID] = NEG_INF
+    if forced:
+        logp[at_limit] = NEG_INF
+        logp[at_limit, EOS_ID] = eos
+    return logp
+
+
+def _select(cache: KVCache | None, rows: Tensor, sources: Tensor | None) -> None:
+    """Keep (and reorder) cache rows `rows`; with `sources`, also drop finished sentences.
+
+    Dropping shrinks the batch, which `KVCache.reorder` cannot do: copy the filled prefix
+    of the kept rows into smaller buffers and slice the cross-attention K/V by source.
+    """
+    if cache is None:
+        return
+    if sources is None:
+        cache.reorder(rows)
+        return
+    n = cache.length
+    for name in ("k", "v"):
+        old = getattr(cache, name)
+        new = old.new_zeros(old.shape[0], len(rows), *old.shape[2:])  # (L, N, G, S, D)
+        new[:, :, :, :n] = old[:, rows, :, :n]
+        setattr(cache, name, new)
+    cache.cross = [None if kv is None else (kv[0][sources], kv[1][sources])
+                   for kv in cache.cross]
+
+
+# -------------------------------------------------------------------------- greedy
+
+
+def decode_greedy(
+    model: EncoderDecoder, src: Tensor, *, max_len: int | None = None, max_extra: int = 50,
+    min_len: int = 0, use_cache: bool = True,
+) -> list[Hypothesis]:
+    """Greedy decoding of src (B, S) (pad-padded): one Hypothesis per sentence.
+
+    max_len caps the output length below src_len + max_extra; min_len suppresses eos
+    until that many tokens are out (benchmarks use min_len == max_len for fixed lengths).
+    """
+    _check_args(src, model, max_extra=(max_extra, 0), min_len=(min_len, 0),
+                max_len=(1 if max_len is None else max_len, 1))
+    with _eval_mode(model):
+        limit = _limits(model, src, max_len, max_extra)  # (B,)
+        steps = int(limit.max()) + 1
+        memory, src_mask = model.encode(src)
+        seqs = src.new_full((src.shape[0], steps + 1), PAD_ID)  # bos, tokens, eos
+        seqs[:, 0] = BOS_ID
+        lps = torch.zeros(src.shape[0], steps)
+        ids = torch.arange(src.shape[0])  # original sentence of each row
+        cache = model.make_cache(src.shape[0], steps) if use_cache else None
+        out: list[Hypothesis | None] = [None] * src.shape[0]
+        for step in range(steps):
+            logp = _constrain(_next_logprobs(model, seqs, step, memory, src_mask, cache),
+                              step, min_len, limit)
+            lps[:, step], seqs[:, step + 1] = logp.max(-1)
+            done = seqs[:, step + 1] == EOS_ID
+            if bool(done.any()):
+                for row in done.nonzero()[:, 0].tolist():
+                    out[int(ids[row])] = _greedy_hypothesis(seqs[row], lps[row], step)
+                keep = (~done).nonzero()[:, 0]
+                if len(keep) == 0:
+                    break
+                ids, limit, memory, src_mask = ids[keep], limit[keep], memory[keep], src_mask[keep]
+                seqs, lps = seqs[keep], lps[keep]
+                _select(cache, keep, keep)
+        return out
+
+
+def _greedy_hypothesis(seq: Tensor, lps: Tensor, step: int) -> Hypothesis:
+    """The row that emitted eos at `step`: tokens seq[1 : step + 1]."""
+    logprobs = lps[: step + 1].clone()
+    return Hypothesis(seq[1 : step + 1].tolist(), logprobs, float(logprobs.sum()))
+
+
+def greedy(model: EncoderDecoder, src: Tensor, *, max_len: int | None = None,
+           max_extra: int = 50, min_len: int = 0) -> list[list[int]]:
+    """Greedy decoding of src (B, S): the output tokens of each sentence, no bos/eos."""
+    hyps = decode_greedy(model, src, max_len=max_len, max_extra=max_extra, min_len=min_len)
+    return [h.tokens for h in hyps]
+
+
+# --------------------------------------------------------------------- beam search
+
+
+class _Finished:
+    """The best finished hypothesis of each sentence and how many have finished.
+
+    A hypothesis finishes when its eos is among the K best candidates of its sentence
+    (as fairseq), so beam 1 finishes exactly where greedy does.
+    """
+
+    def __init__(self, B: int, steps: int, alpha: float):
+        self.score = torch.full((B,), NEG_INF)
+        self.count = torch.zeros(B, dtype=torch.long)
+        self.seqs = torch.full((B, steps + 1), PAD_ID, dtype=torch.long)
+        self.lps = torch.zeros(B, steps)
+        self.length = torch.zeros(B, dtype=torch.long)
+        self.alpha = alpha
+
+    def add(self, ids: Tensor, step: int, top: Tensor, rows: Tensor, is_eos: Tensor,
+            seqs: Tensor, lps: Tensor, eos_lp: Tensor) -> None:
+        """Candidates top (b, K) ending in eos (is_eos) from beam rows `rows` (b, K)."""
+        fin = is_eos & top.isfinite()  # (b, K)
+        if not bool(fin.any()):
+            return
+        self.count[ids] += fin.sum(1)
+        score = torch.where(fin, top, NEG_INF) / length_penalty(step + 1, self.alpha)
+        best, j = score.max(1)  # (b,): same length, so the best raw score is the best
+        better = best > self.score[ids]
+        if not bool(better.any()):
+            return
+        row = rows.gather(1, j[:, None])[:, 0][better]  # beam rows that produced them
+        target = ids[better]
+        self.score[target] = best[better]
+        self.length[target] = step
+        self.seqs[target] = seqs[row]
+        self.lps[target] = lps[row]
+        self.lps[target, step] = eos_lp[row]
+
+    def hypothesis(self, i: int) -> Hypothesis:
+        n = int(self.length[i])
+        return Hypothesis(self.seqs[i, 1 : n + 1].tolist(), self.lps[i, : n + 1].clone(),
+                          float(self.score[i]))
+
+
+def _beam_candidates(logp: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The 2K best (beam, token) continuations of each sentence, best first.
+
+    logp (b*K, V), scores (b, K) -> scores (b, 2K), beam index (b, 2K), token (b, 2K).
+    2K guarantees K of them do not end in eos (each beam has one eos candidate).
+    """
+    b, K = scores.shape
+    V = logp.shape[1]
+    total = (scores.reshape(-1, 1) + logp).view(b, K * V)  # (b, K*V)
+    top, idx = total.topk(min(2 * K, K * V), dim=1)
+    return top, idx // V, idx % V
+
+
+def _live(top: Tensor, beam: Tensor, tok: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The K best candidates that do not end in eos: scores (b, K), beam, token."""
+    is_eos = tok == EOS_ID
+    order = torch.arange(top.shape[1]) + is_eos * top.shape[1]  # eos ones last
+    pick = order.topk(K, dim=1, largest=False).indices  # (b, K), best first
+    return top.gather(1, pick), beam.gather(1, pick), tok.gather(1, pick)
+
+
+def decode_beam(
+    model: EncoderDecoder, src: Tensor, *, beam: int = 4, alpha: float = 0.6,
+    max_len: int | None = None, max_extra: int = 50, min_len: int = 0, use_cache: bool = True,
+) -> list[Hypothesis]:
+    """Beam search over src (B, S): the best hypothesis of each sentence by GNMT score.
+
+    score = sum of log-probs / ((5 + len) / 6) ** alpha, len counting eos. A sentence
+    stops when `beam` hypotheses have finished (as fairseq and HF's early_stopping=True)
+    or when no live beam can beat its best finished one even at the maximum length.
+    """
+    _check_args(src, model, beam=(beam, 1), max_extra=(max_extra, 0), min_len=(min_len, 0),
+                max_len=(1 if max_len is None else max_len, 1))
+    if alpha < 0:
+        raise ValueError(f"alpha={alpha} must be >= 0 (the stopping bound assumes it)")
+    with _eval_mode(model):
+        return _beam(model, src, beam, alpha, _limits(model, src, max_len, max_extra),
+                     min_len, use_cache)
+
+
+def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
+          use_cache: bool) -> list[Hypothesis]:
+    B = src.shape[0]
+    steps = int(limit.max()) + 1
+    memory, src_mask = model.encode(src)  # memory (B, S, C), one row per sentence
+    seqs = src.new_full((B * K, steps + 1), PAD_ID)  # (B*K, 1 + steps), a sentence's beams adjacent
+    seqs[:, 0] = BOS_ID
+    lps = torch.zeros(B * K, steps)
+    scores = torch.full((B, K), NEG_INF)
+    scores[:, 0] = 0.0  # all beams start equal: keep one so the first step has K distinct
+    ids = torch.arange(B)
+    finished = _Finished(B, steps, alpha)
+    cache = model.make_cache(B * K, steps) if use_cache else None
+    row_limit = limit.repeat_interleave(K)
+    for step in range(steps):
+        logp = _constrain(_next_logprobs(model, seqs, step, memory, src_mask, cache),
+                          step, min_len, row_limit)
+        top, beam, tok = _beam_candidates(logp, scores)
+        base = torch.arange(len(ids))[:, None] * K
+        finished.add(ids, step, top[:, :K], beam[:, :K] + base, tok[:, :K] == EOS_ID,
+                     seqs, lps, logp[:, EOS_ID])
+        scores, beam, tok = _live(top, beam, tok, K)
+        rows = (beam + base).view(-1)  # (b*K,) old row of each new beam
+        seqs, lps = seqs[rows], lps[rows]
+        seqs[:, step + 1] = tok.view(-1)
+        lps[:, step] = logp[rows, tok.view(-1)]
+        bound = scores[:, 0] / length_penalty(limit + 1, alpha)  # best a live beam can reach
+        done = (finished.count[ids] >= K) | (finished.score[ids] >= bound) | (limit <= step)
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero()[:, 0]
+            keep_rows = (keep[:, None] * K + torch.arange(K)).view(-1)  # (b'*K,)
+            ids, limit, scores = ids[keep], limit[keep], scores[keep]
+            memory, src_mask, row_limit = memory[keep], src_mask[keep], row_limit[keep_rows]
+            seqs, lps = seqs[keep_rows], lps[keep_rows]
+            _select(cache, rows[keep_rows], keep)
+        else:
+            _select(cache, rows, None)
+    return [finished.hypothesis(i) for i in range(B)]
+
+
+def beam_search(model: EncoderDecoder, src: Tensor, *, beam: int = 4, alpha: float = 0.6,
+                max_len: int | None = None, max_extra: int = 50,
+                min_len: int = 0) -> list[list[int]]:
+    """Beam search over src (B, S): the output tokens of each sentence, no bos/eos."""
+    hyps = decode_beam(model, src, beam=beam, alpha=alpha, max_len=max_len,
+                       max_extra=max_extra, min_len=min_len)
+    return [h.tokens for h in hyps]
+
+
+# ------------------------------------------------------------------ text interface
+
+
+def encode_source(tokenizer, text: str, max_seq_len: int) -> list[int]:
+    """Source ids as training sees them: subwords then eos, cut to max_seq_len."""
+    ids = encode(tokenizer, text, eos=True)
+    if len(ids) > max_seq_len:
+        warnings.warn(f"source of {len(ids)} tokens cut to max_seq_len={max_seq_len}",
+                      stacklevel=2)
+        ids = ids[: max_seq_len - 1] + [EOS_ID]
+    return ids
+
+
+def pad_batch(seqs: Sequence[list[int]], pad_id: int = PAD_ID) -> Tensor:
+    """Right-pad lists of ids to a (B, S) tensor."""
+    width = max(len(s) for s in seqs)
+    out = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
+
+
+def translate_lines(model: EncoderDecoder, tokenizer, lines: Sequence[str], *, beam: int = 4,
+                    batch_size: int = 32, alpha: float = 0.6, max_extra: int = 50) -> list[str]:
+    """Translate `lines`, in order; batches of similar length; empty lines give ''."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size={batch_size} must be >= 1")
+    src = [encode_source(tokenizer, line, model.cfg.max_seq_len) if line.strip() else None
+           for line in lines]
+    todo = sorted((i for i, s in enumerate(src) if s is not None), key=lambda i: len(src[i]))
+    out = [""] * len(lines)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        batch = pad_batch([src[i] for i in chunk], model.cfg.pad_id)
+        if beam == 1:
+            hyps = greedy(model, batch, max_extra=max_extra)
+        else:
+            hyps = beam_search(model, batch, beam=beam, alpha=alpha, max_extra=max_extra)
+        for i, tokens in zip(chunk, hyps, strict=True):
+            out[i] = " ".join(decode(tokenizer, tokens).split())  # one line, plain spaces
+    return out
+
+
+def load_translator(directory) -> tuple[EncoderDecoder, object]:
+    """The EncoderDecoder and tokenizer saved in a checkpoint directory."""
+    from .checkpoint import load
+    from .tokenizer import load_tokenizer
+
+    model = load(directory)
+    if not isinstance(model, EncoderDecoder):
+        raise ValueError(f"{directory} holds a {type(model).__name__}; translation needs an "
+                         f"EncoderDecoder")
+    return model, load_tokenizer(directory)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_decoding_arguments(parser, *, model_required: bool = True) -> None:
+    """--model, --beam, --batch-size, --alpha, --max-extra (shared with `qkv evaluate`)."""
+    parser.add_argument("--model", required=model_required, help="checkpoint directory")
+    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy (default 4)")
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
+    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty (default 0.6)")
+    parser.add_argument("--max-extra", type=int, default=50,
+                        help="output may be this many tokens longer than the source")
+
+
+def check_decoding_arguments(args) -> None:
+    for name in ("beam", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
+    if args.alpha < 0 or args.max_extra < 0:
+        raise ValueError(f"--alpha={args.alpha} and --max-extra={args.max_extra} must be >= 0")
+
+
+def add_translate_arguments(parser) -> None:
+    add_decoding_arguments(parser)
+
+
+def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for line in lines:
+        batch.append(line.rstrip("\r\n"))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def run_translate(args) -> int:
+    """stdin -> stdout, one line in, one line out, each batch written as soon as it is done."""
+    check_decoding_arguments(args)
+    model, tokenizer = load_translator(args.model)
+    for lines in _batches(sys.stdin, args.batch_size):
+        outputs = translate_lines(model, tokenizer, lines, beam=args.beam,
+                                  batch_size=args.batch_size, alpha=args.alpha,
+                                  max_extra=args.max_extra)
+        sys.stdout.write("".join(line + "\n" for line in outputs))
+        sys.stdout.flush()
+    return 0
