@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -68,6 +69,7 @@ def save(model: nn.Module, directory: str | os.PathLike, *, files: dict[str, byt
     cls = type(model).__name__
     if cls not in MODELS:
         raise ValueError(f"cannot save a {cls}; qkv checkpoints hold {', '.join(MODELS)}")
+    _check_file_keys(files or {})
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
@@ -81,7 +83,10 @@ def save(model: nn.Module, directory: str | os.PathLike, *, files: dict[str, byt
         _fsync_write(directory / names[key], blob)
     manifest = {"format": FORMAT, "version": VERSION, "model": cls,
                 "config": model.cfg.to_dict(), "files": names, "metadata": metadata or {}}
-    old = _read_manifest(directory) if (directory / MANIFEST).exists() else None
+    try:
+        old = _read_manifest(directory)
+    except CheckpointError:  # no previous checkpoint, or an unreadable one: nothing to clean
+        old = None
     tmp = directory / f".{MANIFEST}.{tag}.tmp"
     _fsync_write(tmp, json.dumps(manifest, indent=2).encode())
     os.replace(tmp, directory / MANIFEST)  # the commit point
@@ -90,6 +95,14 @@ def save(model: nn.Module, directory: str | os.PathLike, *, files: dict[str, byt
         for name in set(old["files"].values()) - set(names.values()):
             (directory / name).unlink(missing_ok=True)
     return directory
+
+
+def _check_file_keys(files: dict[str, bytes]) -> None:
+    for key in files:
+        if key == "weights":
+            raise ValueError("extra file key 'weights' is reserved for the model weights")
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", key):
+            raise ValueError(f"extra file key {key!r} must be a plain name (letters, digits, _ -)")
 
 
 def _read_manifest(directory: Path) -> dict:
@@ -105,6 +118,8 @@ def _read_manifest(directory: Path) -> dict:
     for key in ("model", "config", "files"):
         if key not in manifest:
             raise CheckpointError(f"{path}: missing key {key!r}")
+    if not isinstance(manifest["files"], dict) or "weights" not in manifest["files"]:
+        raise CheckpointError(f"{path}: 'files' names no weights file")
     return manifest
 
 
