@@ -1,0 +1,171 @@
+"""Layers: positions (sinusoidal, RoPE), embeddings, norms, feed-forward, residual blocks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.testing import assert_close
+
+from qkv import preset
+from qkv.layers import (
+    DecoderLayer,
+    Embeddings,
+    EncoderLayer,
+    FeedForward,
+    RotaryEmbedding,
+    make_norm,
+    sinusoidal_table,
+)
+
+F64 = dict(rtol=0, atol=1e-10)
+
+
+def tiny(**kw):
+    return preset("tiny", **{"vocab_size": 11, **kw})
+
+
+def test_sinusoidal_table_is_the_paper_formula():
+    """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d))."""
+    n, d = 9, 6
+    expected = torch.tensor([
+        [(math.sin if c % 2 == 0 else math.cos)(pos / 10000 ** ((c - c % 2) / d))
+         for c in range(d)]
+        for pos in range(n)
+    ])
+    assert_close(sinusoidal_table(n, d), expected)
+
+
+def test_rope_rotates_half_pairs():
+    """Channel pairs (i, i + D/2) turn by pos * base^(-2i/D), as in Llama/HF."""
+    D, base = 8, 10000.0
+    rope = RotaryEmbedding(D, 16, base)
+    x = torch.randn(2, 3, 5, D)
+    pos = torch.tensor([0, 3, 4, 9, 15])
+    half = D // 2
+    theta = pos[:, None].double() * base ** (-torch.arange(half).double() * 2 / D)  # (T, D/2)
+    z = torch.complex(x[..., :half].double(), x[..., half:].double()) * torch.polar(
+        torch.ones_like(theta), theta)
+    expected = torch.cat([z.real, z.imag], -1).float()
+    assert_close(rope(x, pos), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(8, 32)
+    q, k = torch.randn(2, 1, 1, 1, 8, dtype=torch.float64)
+
+    def score(i, j):
+        return (rope(q, torch.tensor([i])) * rope(k, torch.tensor([j]))).sum()
+
+    assert_close(score(5, 2), score(13, 10), rtol=1e-6, atol=1e-6)
+    assert_close(score(0, 0), (q * k).sum(), rtol=1e-6, atol=1e-6)
+
+
+def test_rope_batched_positions_equal_per_row():
+    rope = RotaryEmbedding(4, 16)
+    x = torch.randn(2, 3, 4, 4)
+    pos = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8]])
+    out = rope(x, pos)
+    for b in range(2):
+        assert_close(out[b : b + 1], rope(x[b : b + 1], pos[b]))
+
+
+@pytest.mark.parametrize("positions", ["sinusoidal", "learned", "rope", "none"])
+def test_embeddings_scale_and_positions(positions):
+    cfg = tiny(positions=positions, dropout=0.0)
+    emb = Embeddings(cfg)
+    tokens, pos = torch.tensor([[3, 4, 5]]), torch.arange(3)
+    expected = emb.tok.weight[tokens] * math.sqrt(cfg.d_model)
+    if positions == "sinusoidal":
+        expected = expected + sinusoidal_table(cfg.max_seq_len, cfg.d_model)[pos]
+    elif positions == "learned":
+        expected = expected + emb.pos.weight[pos]
+    assert_close(emb(tokens, pos), expected)
+
+
+def test_embeddings_token_types_and_norm():
+    cfg = tiny(type_vocab_size=2, embed_norm=True, scale_embeddings=False, positions="none")
+    emb = Embeddings(cfg)
+    tokens, types = torch.tensor([[3, 4]]), torch.tensor([[0, 1]])
+    expected = emb.norm(emb.tok.weight[tokens] + emb.types.weight[types])
+    assert_close(emb(tokens, torch.arange(2), types), expected)
+
+
+def test_norms():
+    assert isinstance(make_norm(tiny()), nn.LayerNorm)
+    rms = make_norm(tiny(norm="rmsnorm", norm_eps=1e-6))
+    x = torch.randn(3, 64, dtype=torch.float64)
+    expected = x / (x.square().mean(-1, keepdim=True) + 1e-6).sqrt() * rms.weight.double()
+    assert_close(rms.double()(x), expected, **F64)
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh", "swiglu"])
+def test_feed_forward(activation):
+    ff = FeedForward(tiny(activation=activation)).double()
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    h = x @ ff.fc1.weight.T + ff.fc1.bias
+    if activation == "relu":
+        h = h.clamp(min=0)
+    elif activation == "gelu":
+        h = 0.5 * h * (1 + torch.erf(h / math.sqrt(2)))
+    elif activation == "gelu_tanh":
+        h = F.gelu(h, approximate="tanh")
+    else:
+        g = x @ ff.gate.weight.T + ff.gate.bias
+        h = g * torch.sigmoid(g) * h
+    assert_close(ff(x), h @ ff.fc2.weight.T + ff.fc2.bias, **F64)
+    assert (ff.gate is not None) == (activation == "swiglu")
+
+
+@pytest.mark.parametrize("place", ["post", "pre"])
+def test_encoder_layer_residual_placement(place):
+    layer = EncoderLayer(tiny(norm_place=place)).double().eval()
+    x = torch.randn(2, 4, 64, dtype=torch.float64)
+    mask = torch.tensor([[True] * 4, [True, True, False, False]])[:, None, None, :]
+
+    def attn(h):
+        return layer.self_attn(h, mask=mask)
+
+    if place == "post":
+        h = layer.norm1(x + attn(x))
+        expected = layer.norm2(h + layer.ff(h))
+    else:
+        h = x + attn(layer.norm1(x))
+        expected = h + layer.ff(layer.norm2(h))
+    assert_close(layer(x, mask), expected, **F64)
+
+
+@pytest.mark.parametrize("place", ["post", "pre"])
+def test_decoder_layer_residual_placement(place):
+    layer = DecoderLayer(tiny(norm_place=place)).double().eval()
+    x = torch.randn(2, 3, 64, dtype=torch.float64)
+    memory = torch.randn(2, 5, 64, dtype=torch.float64)
+    sa = lambda h: layer.self_attn(h, causal=True)  # noqa: E731
+    ca = lambda h: layer.cross_attn(h, memory)  # noqa: E731
+    if place == "post":
+        h = layer.norm1(x + sa(x))
+        h = layer.norm2(h + ca(h))
+        expected = layer.norm3(h + layer.ff(h))
+    else:
+        h = x + sa(layer.norm1(x))
+        h = h + ca(layer.norm2(h))
+        expected = h + layer.ff(layer.norm3(h))
+    assert_close(layer(x, memory), expected, **F64)
+
+
+def test_decoder_layer_without_cross_attention():
+    layer = DecoderLayer(tiny(), cross=False)
+    assert layer.cross_attn is None and layer.norm2 is None
+    assert layer(torch.randn(1, 3, 64)).shape == (1, 3, 64)
+
+
+def test_dropout_only_in_training():
+    layer = EncoderLayer(tiny(dropout=0.5))
+    x = torch.randn(2, 4, 64)
+    layer.eval()
+    assert_close(layer(x), layer(x))
+    layer.train()
+    assert (layer(x) - layer(x)).abs().amax() > 1e-3
