@@ -241,15 +241,33 @@ def _live(top: Tensor, beam: Tensor, tok: Tensor, K: int) -> tuple[Tensor, Tenso
     return top.gather(1, pick), beam.gather(1, pick), tok.gather(1, pick)
 
 
+def _done(finished: _Finished, ids: Tensor, best_live: Tensor, step: int, limit: Tensor,
+          K: int) -> Tensor:
+    """(b,) sentences whose best finished hypothesis no live beam is expected to beat.
+
+    Certain when it beats the best live score divided by the largest length penalty
+    (scores only fall, the penalty only grows up to the limit). Once K hypotheses have
+    finished, also when it beats the best live beam ended at the next step, as HF's
+    default (so beam 1 stops where greedy does).
+    """
+    best = finished.score[ids]
+    certain = best >= best_live / length_penalty(limit + 1, finished.alpha)
+    likely = (finished.count[ids] >= K) & (best >= best_live / length_penalty(step + 2,
+                                                                              finished.alpha))
+    return certain | likely | (limit <= step)
+
+
 def decode_beam(
     model: EncoderDecoder, src: Tensor, *, beam: int = 4, alpha: float = 0.6,
     max_len: int | None = None, max_extra: int = 50, min_len: int = 0, use_cache: bool = True,
 ) -> list[Hypothesis]:
     """Beam search over src (B, S): the best hypothesis of each sentence by GNMT score.
 
-    score = sum of log-probs / ((5 + len) / 6) ** alpha, len counting eos. A sentence
-    stops when `beam` hypotheses have finished (as fairseq and HF's early_stopping=True)
-    or when no live beam can beat its best finished one even at the maximum length.
+    score = sum of log-probs / ((5 + len) / 6) ** alpha, len counting eos. A hypothesis
+    finishes when its eos is among the `beam` best candidates (as fairseq); a sentence
+    stops when no live beam can beat its best finished hypothesis even at the maximum
+    length, or, once `beam` hypotheses have finished, even if it ended at the next step
+    (HF's default `early_stopping=False` test). See docs/decoding.md.
     """
     _check_args(src, model, beam=(beam, 1), max_extra=(max_extra, 0), min_len=(min_len, 0),
                 max_len=(1 if max_len is None else max_len, 1))
@@ -286,8 +304,7 @@ def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
         seqs, lps = seqs[rows], lps[rows]
         seqs[:, step + 1] = tok.view(-1)
         lps[:, step] = logp[rows, tok.view(-1)]
-        bound = scores[:, 0] / length_penalty(limit + 1, alpha)  # best a live beam can reach
-        done = (finished.count[ids] >= K) | (finished.score[ids] >= bound) | (limit <= step)
+        done = _done(finished, ids, scores[:, 0], step, limit, K)
         if bool(done.all()):
             break
         if bool(done.any()):
