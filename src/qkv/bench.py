@@ -1,0 +1,73 @@
+"""`qkv bench`: run the benchmark scripts in benchmarks/ (results go to docs/benchmarks/).
+
+Each script is a separate process, so one benchmark's memory and threads never affect
+the next. The scripts live in the source checkout, not in the installed package.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+# name -> script in benchmarks/
+BENCHMARKS: dict[str, str] = {
+    "machine": "machine.py",
+    "table2": "table2.py",
+    "decode": "decode_bound.py",
+    "hf": "hf.py",
+    "train": "train_throughput.py",
+}
+
+
+def benchmarks_dir() -> Path:
+    """benchmarks/ of the source checkout (or $QKV_BENCHMARKS)."""
+    path = Path(os.environ.get("QKV_BENCHMARKS") or Path(__file__).resolve().parents[2]
+                / "benchmarks")
+    if not (path / BENCHMARKS["machine"]).is_file():
+        raise FileNotFoundError(
+            f"benchmark scripts not found in {path}: run qkv bench from a source checkout "
+            "(or set QKV_BENCHMARKS to its benchmarks/ folder)")
+    return path
+
+
+def script_args(args) -> list[str]:
+    extra = ["--quick"] if args.quick else []
+    for flag in ("repeats", "threads"):
+        value = getattr(args, flag)
+        if value is not None:
+            if value < 1:
+                raise ValueError(f"--{flag} {value} must be >= 1")
+            extra += [f"--{flag}", str(value)]
+    if args.out is not None:
+        extra += ["--out", str(args.out)]
+    return extra
+
+
+def add_bench_arguments(parser) -> None:
+    parser.add_argument("which", nargs="?", default="all", choices=[*BENCHMARKS, "all"],
+                        help="which benchmark (default: all)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes: checks that everything runs end to end")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default docs/benchmarks)")
+
+
+def run_bench(args) -> int:
+    folder = benchmarks_dir()
+    names = list(BENCHMARKS) if args.which == "all" else [args.which]
+    extra = script_args(args)
+    failed = []
+    for name in names:
+        print(f"== qkv bench {name}", flush=True)
+        done = subprocess.run([sys.executable, str(folder / BENCHMARKS[name]), *extra],
+                              cwd=folder.parent)
+        if done.returncode:
+            failed.append(name)
+    if failed:
+        print(f"qkv bench: failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0

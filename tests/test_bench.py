@@ -1,0 +1,62 @@
+"""`qkv bench --quick` runs the scripts end to end on tiny sizes; bad input is rejected."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from qkv.bench import BENCHMARKS, benchmarks_dir
+from qkv.cli import main
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("which", ["machine", "train"])
+def test_quick_benchmark_writes_markdown_json_and_context(which, tmp_path):
+    assert main(["bench", which, "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    stem = Path(BENCHMARKS[which]).stem
+    md = (tmp_path / f"{stem}.md").read_text()
+    data = json.loads((tmp_path / f"{stem}.json").read_text())
+    for fact in ("cores", "threads", "torch", "Command: `python benchmarks/"):
+        assert fact in md
+    assert data["machine"]["threads"] == 1
+
+
+def test_decode_quick_rows_and_plot(tmp_path):
+    assert main(["bench", "decode", "--quick", "--out", str(tmp_path)]) == 0
+    assert "bandwidth" in (tmp_path / "decode_bound.md").read_text()
+    rows = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
+    assert {(r["n_kv_heads"], r["batch"], r["context"]) for r in rows} == {
+        (g, b, c) for g in (4, 2, 1) for b in (1, 2) for c in (8, 16)}
+    kv = {r["n_kv_heads"]: r["kv_bytes_per_token"] for r in rows}
+    assert kv[4] == 4 * kv[1] and kv[2] == 2 * kv[1]  # 2 * L * G * D * 4 bytes
+    assert (tmp_path / "decode_bound.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_equal_size_variants_match_parameter_count():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from table2 import base_config, equal_size, n_params
+    finally:
+        sys.path.remove(str(BENCH))
+    base = base_config(quick=False)
+    for g in (2, 1):
+        cfg = equal_size(base, g)
+        assert cfg.n_kv_heads == g and cfg.d_ff > base.d_ff
+        assert abs(n_params(cfg) - n_params(base)) / n_params(base) < 0.002
+
+
+def test_bench_errors(tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "nosuch"])
+    assert "invalid choice: 'nosuch'" in capsys.readouterr().err
+    assert main(["bench", "machine", "--repeats", "0"]) == 2
+    assert "--repeats 0 must be >= 1" in capsys.readouterr().err
+    monkeypatch.setenv("QKV_BENCHMARKS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="benchmark scripts not found"):
+        benchmarks_dir()
+    assert main(["bench", "machine", "--quick"]) == 2
+    assert "run qkv bench from a source checkout" in capsys.readouterr().err
