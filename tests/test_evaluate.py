@@ -1,0 +1,128 @@
+"""sacreBLEU scores and the `qkv evaluate` command."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+import sacrebleu
+import torch
+from torch import nn
+
+import qkv
+from qkv import EncoderDecoder, preset
+from qkv.cli import main
+from qkv.evaluate import bleu, read_lines
+from qkv.tokenizer import to_bytes, train_bpe
+from qkv.translate import translate_lines
+
+REFS = ["a man rides a brown horse on the beach .", "two dogs play together in the snow .",
+        "a woman is reading a book in the park ."]
+HYPS = ["a man rides a horse on the beach .", "two dogs are playing in snow .",
+        "A woman reads a book in a park ."]
+
+
+def test_bleu_matches_sacrebleu():
+    scores = bleu(HYPS, REFS)
+    assert scores["bleu"] == pytest.approx(sacrebleu.corpus_bleu(HYPS, [REFS]).score)
+    assert scores["chrf"] == pytest.approx(sacrebleu.corpus_chrf(HYPS, [REFS]).score)
+    assert 0 < scores["bleu"] < 100 and scores["sentences"] == 3
+    assert scores["bleu_signature"].startswith("nrefs:1|case:mixed|")
+    assert "tok:13a" in scores["bleu_signature"]
+    assert scores["chrf_signature"].startswith("nrefs:1|case:mixed|")
+    assert scores["bleu_line"].startswith("BLEU|nrefs:1|case:mixed")
+
+
+def test_identical_is_100_and_lowercase_ignores_case():
+    assert bleu(REFS, REFS)["bleu"] == pytest.approx(100.0)
+    assert bleu(REFS, REFS)["chrf"] == pytest.approx(100.0)
+    upper = [r.upper() for r in REFS]
+    assert bleu(upper, REFS)["bleu"] < 5
+    lower = bleu(upper, REFS, lowercase=True)
+    assert lower["bleu"] == pytest.approx(100.0)
+    assert "case:lc" in lower["bleu_signature"] and "case:lc" in lower["chrf_signature"]
+
+
+def test_bleu_rejects_misaligned():
+    with pytest.raises(ValueError, match="2 hypotheses but 3 references"):
+        bleu(HYPS[:2], REFS)
+
+
+def test_read_lines(tmp_path):
+    plain, packed, bad = tmp_path / "a.txt", tmp_path / "a.txt.gz", tmp_path / "bad.txt"
+    plain.write_text("one\ntwo\n\nfour\n", encoding="utf-8")
+    packed.write_bytes(gzip.compress(plain.read_bytes()))
+    assert read_lines(plain) == read_lines(packed) == ["one", "two", "", "four"]
+    bad.write_bytes(b"fine\nalso fine\n\xff broken\n")
+    with pytest.raises(ValueError, match=r"bad.txt: line 3 is not valid UTF-8"):
+        read_lines(bad)
+    with pytest.raises(FileNotFoundError, match="missing.txt: no such file"):
+        read_lines(tmp_path / "missing.txt")
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random translation model and aligned src/ref files (ref = its own output)."""
+    root = tmp_path_factory.mktemp("eval")
+    tok = train_bpe(REFS * 4, vocab_size=60, min_frequency=1)
+    torch.manual_seed(0)
+    model = EncoderDecoder(preset("tiny", vocab_size=tok.get_vocab_size(),
+                                  tie_embeddings=False))
+    nn.init.normal_(model.lm_head.weight, std=0.5)
+    qkv.save(model, root / "model", files={"tokenizer": to_bytes(tok)})
+    (root / "src.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    own = translate_lines(model.eval(), tok, REFS, beam=2)
+    (root / "own.txt").write_text("\n".join(own) + "\n", encoding="utf-8")
+    (root / "ref.txt").write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    (root / "hyp.txt").write_text("\n".join(HYPS) + "\n", encoding="utf-8")
+    (root / "short.txt").write_text("\n".join(REFS[:2]) + "\n", encoding="utf-8")
+    return root
+
+
+def test_evaluate_cli_model_against_its_own_output(files, capsys):
+    status = main(["evaluate", "--model", str(files / "model"), "--src", str(files / "src.txt"),
+                   "--ref", str(files / "own.txt"), "--beam", "2", "--json",
+                   "--output", str(files / "out.txt")])
+    out = capsys.readouterr().out
+    assert status == 0
+    scores = json.loads(out)
+    assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert (files / "out.txt").read_text(encoding="utf-8") == (files / "own.txt").read_text(
+        encoding="utf-8")
+
+
+def test_evaluate_cli_scores_a_hypothesis_file(files, capsys):
+    status = main(["evaluate", "--hyp", str(files / "hyp.txt"), "--ref", str(files / "ref.txt")])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0
+    expected = bleu(HYPS, REFS)
+    assert lines == [expected["bleu_line"], expected["chrf_line"]]
+    status = main(["evaluate", "--hyp", str(files / "ref.txt"), "--ref", str(files / "ref.txt"),
+                   "--lowercase"])
+    out = capsys.readouterr().out
+    assert status == 0 and "BLEU|nrefs:1|case:lc" in out and "= 100.00" in out
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--hyp", "short.txt", "--ref", "ref.txt"], "short.txt has 2 lines but"),
+    (["--model", "model", "--src", "short.txt", "--ref", "ref.txt"], "short.txt has 2 lines"),
+    (["--hyp", "missing.txt", "--ref", "ref.txt"], "missing.txt: no such file"),
+    (["--hyp", "hyp.txt", "--ref", "missing.txt"], "missing.txt: no such file"),
+    (["--model", "model", "--src", "missing.txt", "--ref", "ref.txt"], "missing.txt: no such"),
+    (["--ref", "ref.txt"], "give either --model DIR with --src FILE, or --hyp FILE"),
+    (["--model", "model", "--hyp", "hyp.txt", "--ref", "ref.txt"], "give either --model"),
+    (["--model", "model", "--ref", "ref.txt"], "--model needs --src FILE"),
+    (["--model", "model", "--src", "src.txt", "--ref", "ref.txt", "--beam", "0"],
+     "--beam=0 must be >= 1"),
+    (["--model", "nope", "--src", "src.txt", "--ref", "ref.txt"], "no such file"),
+])
+def test_evaluate_cli_errors(files, capsys, args, match):
+    args = [a if a.startswith("--") or a.isdigit() else str(files / a) for a in args]
+    status = main(["evaluate", *args])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("qkv: error:") and match in err, err
