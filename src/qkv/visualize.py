@@ -151,8 +151,8 @@ def _draw(ax, probs: Tensor, queries: list[str], keys: list[str], title: str,
 
 
 def plot_attention(maps: list[AttentionMap], path: str | Path, *, head: int | None = None,
-                   dpi: int = 100) -> Path:
-    """Heatmaps to a PNG: one row per map, one column per head (or only `head`)."""
+                   max_cols: int = 5, dpi: int = 100) -> Path:
+    """Heatmaps to a PNG: each map's heads (or only `head`) in rows of at most `max_cols`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -162,15 +162,21 @@ def plot_attention(maps: list[AttentionMap], path: str | Path, *, head: int | No
         raise ValueError("no attention maps to draw")
     n_heads = maps[0].probs.shape[0]
     head = _check_index(head, n_heads, "head")
-    heads = range(n_heads) if head is None else [head]
-    size = max(2.0, 0.22 * max(max(len(m.keys), len(m.queries)) for m in maps) + 1.0)
-    fig, axes = plt.subplots(len(maps), len(heads), squeeze=False,
-                             figsize=(size * len(heads) + 0.8, size * len(maps)))
+    heads = list(range(n_heads)) if head is None else [head]
+    cols = min(len(heads), max_cols)
+    per_map = -(-len(heads) // cols)  # rows per map, rounded up
+    size = max(2.2, 0.2 * max(max(len(m.keys), len(m.queries)) for m in maps) + 1.2)
+    fig, axes = plt.subplots(len(maps) * per_map, cols, squeeze=False, layout="constrained",
+                             figsize=(size * cols + 1.0, size * len(maps) * per_map))
+    for ax in axes.ravel():
+        ax.set_visible(False)
     for r, m in enumerate(maps):
-        for c, h in enumerate(heads):
+        for i, h in enumerate(heads):
+            ax = axes[r * per_map + i // cols][i % cols]
+            ax.set_visible(True)
             title = f"layer {m.layer} {m.kind}, head {h}"
-            image = _draw(axes[r][c], m.probs[h], m.queries, m.keys, title, c == 0)
-    fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6)
+            image = _draw(ax, m.probs[h], m.queries, m.keys, title, i % cols == 0)
+    fig.colorbar(image, ax=axes[:, -1].tolist(), shrink=0.8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
