@@ -29,8 +29,10 @@ test: setup
 demo: setup
 	$(VENV)/bin/qkv demo
 
+# BENCH_ARGS e.g. "--threads 1" when other jobs share the cores; "--quick" for a smoke run.
 bench: setup
 	$(PY) benchmarks/attention.py --out docs/benchmarks/attention.md
+	$(VENV)/bin/qkv bench all $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
