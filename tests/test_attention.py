@@ -301,6 +301,10 @@ def test_recorded_probs_are_the_weights_used():
          r"mask \(2, 1, 1, 4\) does not broadcast to \(B, H, T, S\) = \(2, 4, 3, 5\)"),
         (((2, 4, 3, 8), (2, 2, 5, 8), (2, 2, 5, 8)), torch.ones(3, 1, 1, 5, dtype=torch.bool),
          r"mask \(3, 1, 1, 5\) does not broadcast"),
+        (((1, 4, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8)), torch.ones(2, 1, 1, 5, dtype=torch.bool),
+         r"mask \(2, 1, 1, 5\) does not broadcast to \(B, H, T, S\) = \(1, 4, 3, 5\)"),
+        (((1, 4, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8)), torch.ones(1, 1, 1, 1, 5, dtype=torch.bool),
+         r"mask \(1, 1, 1, 1, 5\) does not broadcast"),
     ],
 )
 def test_attention_errors(shapes, mask, match):

@@ -56,13 +56,13 @@ def _check(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     if mask is not None:
         if mask.dtype != torch.bool:
             raise ValueError(f"mask must be boolean (True = may attend), got {mask.dtype}")
-        try:
-            torch.broadcast_shapes(mask.shape, (B, H, q.shape[2], S))
-        except RuntimeError:
+        target = (B, H, q.shape[2], S)
+        # expandable to target (torch.broadcast_shapes would also let the mask grow it)
+        dims = zip(mask.shape[::-1], target[::-1], strict=False)  # aligned from the right
+        if mask.dim() > 4 or any(m not in (1, t) for m, t in dims):
             raise ValueError(
-                f"mask {tuple(mask.shape)} does not broadcast to (B, H, T, S) = "
-                f"{(B, H, q.shape[2], S)}"
-            ) from None
+                f"mask {tuple(mask.shape)} does not broadcast to (B, H, T, S) = {target}"
+            )
 
 
 def _full_mask(mask: Tensor | None, causal: bool, T: int, S: int, device) -> Tensor | None:
@@ -86,7 +86,7 @@ def _fold_groups(q: Tensor, mask: Tensor | None, G: int) -> tuple[Tensor, Tensor
     """
     B, H, T, D = q.shape
     q = q.reshape(B, G, (H // G) * T, D)  # (B, G, R*T, D)
-    if mask is not None:
+    if mask is not None and mask.dim() >= 2 and mask.shape[-2] != 1:  # (., 1, 1, S) broadcasts
         mask = mask.expand(*mask.shape[:-2], T, mask.shape[-1])  # (., 1, T, S)
         mask = mask.unsqueeze(-3).expand(*mask.shape[:-2], H // G, T, mask.shape[-1])
         mask = mask.flatten(-3, -2)  # (., 1, R*T, S)
@@ -96,9 +96,12 @@ def _fold_groups(q: Tensor, mask: Tensor | None, G: int) -> tuple[Tensor, Tensor
 def _guard_empty_rows(mask: Tensor) -> tuple[Tensor, Tensor]:
     """Rows where no key is allowed would give NaN: let them attend everywhere, then zero them.
 
-    Returns the safe mask and (., ., T, 1) rows that have at least one key.
+    Returns the safe mask and (., ., T, 1) rows that have at least one key, or None when
+    every row has one (the common case: no extra work on the output).
     """
     has_key = mask.any(dim=-1, keepdim=True)
+    if bool(has_key.all()):
+        return mask, None
     return mask | ~has_key, has_key
 
 
@@ -160,7 +163,8 @@ def attention_probs(
     if mask is None:
         return scores.softmax(dim=-1)
     mask, has_key = _guard_empty_rows(mask)
-    return scores.masked_fill(~mask, float("-inf")).softmax(dim=-1) * has_key
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return probs if has_key is None else probs * has_key
 
 
 # ------------------------------------------------------------------------ KV cache
