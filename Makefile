@@ -31,7 +31,7 @@ demo: setup
 
 # BENCH_ARGS e.g. "--threads 1" when other jobs share the cores; "--quick" for a smoke run.
 bench: setup
-	$(PY) benchmarks/attention.py --threads 1
+	$(PY) benchmarks/attention.py --threads 1 $(BENCH_ARGS)
 	$(VENV)/bin/qkv bench all $(BENCH_ARGS)
 
 lint: setup
