@@ -147,12 +147,12 @@ class ClassificationTask(Task):
             vids = [encode_text(tok, t, text_encoding)[:max_seq_len] for t in vtexts]
             self.vids, self.vlabels = vids, vlabels
 
+    pad_id = PAD_ID  # the trainer sets the model's
+
     def collate(self, indices, ids=None, labels=None):
         ids, labels = ids or self.ids, labels or self.labels
         return {"tokens": qdata.pad([ids[i] for i in indices], self.pad_id),
                 "labels": torch.tensor([labels[i] for i in indices])}
-
-    pad_id = PAD_ID
 
     def loss(self, model, batch, smoothing):
         logits = model(batch["tokens"])  # (B, n_classes)

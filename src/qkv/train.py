@@ -103,6 +103,20 @@ def build_tokenizer(cfg: TrainConfig):
     return train_bpe(_task_texts(cfg), cfg.data.vocab_size), "qkv"
 
 
+def _shared_tokenizer(cfg: TrainConfig, world: int):
+    """Process 0's tokenizer, sent to the others so that every process has the same one."""
+    if world == 1:
+        return build_tokenizer(cfg)
+    blob = to_bytes(build_tokenizer(cfg)[0]) if dist.get_rank() == 0 else b""
+    size = torch.tensor([len(blob)])
+    dist.broadcast(size, src=0)
+    buf = torch.zeros(int(size), dtype=torch.uint8)
+    if blob:
+        buf = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    dist.broadcast(buf, src=0)  # a tensor, not a pickled object
+    return from_bytes(buf.numpy().tobytes()), "qkv"
+
+
 def _read_tokenizer(path: str) -> bytes:
     p = Path(path)
     if p.is_dir():
@@ -116,18 +130,21 @@ def _read_tokenizer(path: str) -> bytes:
 
 
 def _pretrained(cfg: TrainConfig):
-    """(model, tokenizer) for a classifier initialised from a pretrained encoder."""
+    """(classifier, tokenizer) initialised from a pretrained encoder (qkv.pretrained)."""
     from .models import EncoderClassifier
     from .pretrained import load_pretrained
 
-    loaded = load_pretrained(cfg.model.init_from)
-    encoder, tok = loaded if isinstance(loaded, tuple) else (loaded, loaded.tokenizer)
-    n_classes = max(2, len(cfg.data.labels))
-    mcfg = encoder.cfg.replace(n_classes=n_classes, **cfg.model.overrides)
-    model = EncoderClassifier(mcfg)
-    source = encoder.encoder if hasattr(encoder, "encoder") else encoder
-    model.encoder.load_state_dict(source.state_dict())
-    return model, tok
+    loaded = load_pretrained(cfg.model.init_from, n_classes=max(2, len(cfg.data.labels)))
+    if not isinstance(loaded.model, EncoderClassifier):
+        raise ValueError(f"model.init_from={cfg.model.init_from!r}: holds a "
+                         f"{type(loaded.model).__name__}, not an encoder")
+    torch.manual_seed(cfg.training.seed)  # the fresh classification head
+    try:
+        model = EncoderClassifier(loaded.model.cfg.replace(**cfg.model.overrides))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {e}") from None
+    model.encoder.load_state_dict(loaded.model.encoder.state_dict())
+    return model, loaded.tokenizer
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -181,11 +198,12 @@ class Trainer:
             self.model, self.tok = _pretrained(cfg)
             self.text_encoding = "hf"
         else:
-            self.tok, self.text_encoding = build_tokenizer(cfg)
+            self.tok, self.text_encoding = _shared_tokenizer(cfg, self.world)
             self.model = None
         mcfg = self.model.cfg if self.model is not None else cfg.model.build(
             vocab_size=self.tok.get_vocab_size(), n_classes=max(2, len(cfg.data.labels)))
         self.task = self._task(mcfg.max_seq_len)
+        self.task.pad_id = mcfg.pad_id
         if self.model is None:
             torch.manual_seed(cfg.training.seed)
             self.model = self.task.model_class(mcfg)
