@@ -297,3 +297,10 @@ def test_tiny_model_overfits_50_multi30k_pairs(data_dir, tmp_path):
     records = [json.loads(x) for x in (tmp_path / "of" / "metrics.jsonl").read_text().split("\n")
                if x]
     assert records[-1]["valid_bleu_greedy"] >= 90, records[-1]
+
+
+def test_batch_tokens_smaller_than_an_example(tmp_path, capsys):
+    cfg = _config(tmp_path, training="batch_tokens = 5")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "b")]) == 2
+    assert "training.batch_tokens=5 (/ accum_steps=1) is smaller than the longest" in \
+        capsys.readouterr().err

@@ -230,8 +230,12 @@ class Trainer:
         from .data import TokenBatcher
 
         t = self.cfg.training
-        return TokenBatcher(self.task.lengths, max(1, t.batch_tokens // t.accum_steps),
-                            seed=t.seed)
+        per_batch = max(1, t.batch_tokens // t.accum_steps)
+        if max(self.task.lengths) > per_batch:
+            raise ValueError(f"training.batch_tokens={t.batch_tokens} (/ accum_steps="
+                             f"{t.accum_steps}) is smaller than the longest training example, "
+                             f"{max(self.task.lengths)} tokens")
+        return TokenBatcher(self.task.lengths, per_batch, seed=t.seed)
 
     # ------------------------------------------------------------------ the loop
 
