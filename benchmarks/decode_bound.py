@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from common import (
-    Stats,
     command_line,
     context_line,
     figure,
@@ -36,16 +35,10 @@ QUICK = dict(SMOLLM2, vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, n_lay
              d_ff=128, max_seq_len=128)
 
 
-def read_bandwidth(repeats: int, n_bytes: int) -> Stats:
-    """Seconds to sum a float32 tensor of n_bytes (read once)."""
-    x = torch.randn(n_bytes // 4)
-    return measure({"sum": x.sum}, repeats=repeats, warmup=1)["sum"]
-
-
 def filled_cache(model: DecoderLM, batch: int, context: int, steps: int) -> KVCache:
     cache = model.make_cache(batch, context + steps)
-    cache.k[:, :, :, :context].normal_()
-    cache.v[:, :, :, :context].normal_()
+    cache.k[:, :, :, :context].uniform_(-1, 1)
+    cache.v[:, :, :, :context].uniform_(-1, 1)
     cache.lengths = [context] * len(cache.lengths)
     return cache
 
@@ -69,21 +62,24 @@ def weight_bytes(model: DecoderLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-def bench_config(cfg: ModelConfig, batches, contexts, steps, repeats, bw_gbs) -> list[dict]:
-    model = DecoderLM(cfg).eval()
-    wbytes = weight_bytes(model)
-    kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, cfg.n_kv_heads, cfg.head_dim)
+def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
+                repeats: int, probe: torch.Tensor) -> list[dict]:
+    """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved."""
+    caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
+    fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
+    stats = measure({**fns, "probe": probe.sum}, repeats, 1)
+    p = stats.pop("probe")
+    bw = tuple(probe.numel() * 4 / t / 1e9 for t in (p.median, p.max, p.min))  # GB/s
     rows = []
-    for batch in batches:
-        for context in contexts:
-            cache = filled_cache(model, batch, context, steps)
-            s = measure({"step": step_fn(model, cache, context, steps)}, repeats, 1)["step"]
-            moved = wbytes + batch * (context + steps / 2) * kv_tok
-            rows.append(dict(n_kv_heads=cfg.n_kv_heads, batch=batch, context=context,
-                             step_ms=s.scaled(1e3 / steps), bound_ms=moved / bw_gbs / 1e6,
-                             weight_bytes=wbytes, kv_bytes_per_token=kv_tok,
-                             params=count_parameters(model)))
-            del cache
+    for g, s in stats.items():
+        cfg = models[g].cfg
+        kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, g, cfg.head_dim)
+        moved = weight_bytes(models[g]) + batch * (context + steps / 2) * kv_tok
+        rows.append(dict(n_kv_heads=g, batch=batch, context=context,
+                         step_ms=s.scaled(1e3 / steps), bandwidth_gbs=bw,
+                         bound_ms=moved / bw[0] / 1e6, weight_bytes=weight_bytes(models[g]),
+                         kv_bytes_per_token=kv_tok, params=count_parameters(models[g]),
+                         vs_mha=stats[cfg.n_heads].median / s.median))
     return rows
 
 
@@ -104,22 +100,24 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def markdown(rows, info, bw, steps, repeats, layers, head_dim) -> str:
+def markdown(rows, info, steps, repeats, layers, head_dim) -> str:
     body = [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["step_ms"]),
-             fmt(r["bound_ms"]), fmt(r["step_ms"][0] / r["bound_ms"]),
-             fmt(r["batch"] / r["step_ms"][0] * 1e3)] for r in rows]
+             fmt(r["bandwidth_gbs"][0]), fmt(r["bound_ms"]), fmt(r["step_ms"][0] / r["bound_ms"]),
+             fmt(r["batch"] / r["step_ms"][0] * 1e3), fmt(r["vs_mha"])] for r in rows]
     kv = sorted({(r["n_kv_heads"], r["kv_bytes_per_token"]) for r in rows}, reverse=True)
     kv_rows = [[g, f"{b:,}", fmt(b / kv[0][1])] for g, b in kv]
     return "\n\n".join([
         "### Decoding against the memory-bandwidth bound",
         context_line(info, command_line()),
-        f"Read bandwidth measured in this run: {fmt_stats(*bw)} GB/s (sum of a 1 GiB tensor). "
+        "For each batch and context the three kv-head variants and a bandwidth probe (sum "
+        "of a 512 MiB float32 tensor, read once) run interleaved; bound = (weight bytes + "
+        "KV bytes read per step) / the probe's median GB/s from the same interleaved run. "
         f"Each figure: {steps} decode steps per call, median (min-max) of {repeats} after "
         f"one warm-up; float32; {rows[0]['params']:,} parameters "
         f"({rows[0]['weight_bytes'] / 1e6:,.0f} MB of weights with {rows[0]['n_kv_heads']} kv "
         f"heads).",
-        table(["kv heads", "batch", "context", "ms/step", "bound ms", "step/bound",
-               "tokens/s"], body),
+        table(["kv heads", "batch", "context", "ms/step", "probe GB/s", "bound ms",
+               "step/bound", "tokens/s", "speed-up vs MHA"], body),
         f"KV-cache bytes per token per sequence (float32, {layers} layers, head_dim {head_dim}):",
         table(["kv heads", "bytes/token", "vs MHA"], kv_rows),
     ])
@@ -131,19 +129,19 @@ def main() -> None:
     info = machine_info()
     base = QUICK if args.quick else SMOLLM2
     batches, contexts = ([1, 2], [8, 16]) if args.quick else ([1, 16], [128, 512, 2048])
-    steps, repeats = (2, 2) if args.quick else (4, args.repeats or 3)
-    bw_s = read_bandwidth(repeats, (8 if args.quick else 1024) * 2**20)
-    n_bytes = (8 if args.quick else 1024) * 2**20
-    bw = (n_bytes / bw_s.median / 1e9, n_bytes / bw_s.max / 1e9, n_bytes / bw_s.min / 1e9)
+    steps, repeats = (2, 2) if args.quick else (2, args.repeats or 3)
+    probe = torch.rand((8 if args.quick else 512) * 2**20 // 4)
     heads = [base["n_heads"], base["n_kv_heads"], 1]
+    models = {g: DecoderLM(ModelConfig(**{**base, "n_kv_heads": g})).eval() for g in heads}
     rows = []
-    for g in heads:
-        cfg = ModelConfig(**{**base, "n_kv_heads": g})
-        rows += bench_config(cfg, batches, contexts, steps, repeats, bw[0])
+    for batch in batches:
+        for context in contexts:
+            rows += bench_point(models, batch, context, steps, repeats, probe)
     plot(rows, out / "decode_bound.png")
-    md = markdown(rows, info, bw, steps, repeats, base["n_layers"], cfg.head_dim)
+    cfg = models[heads[0]].cfg
+    md = markdown(rows, info, steps, repeats, base["n_layers"], cfg.head_dim)
     md += "\n\n![decode step time vs the bandwidth bound](decode_bound.png)"
-    write(out, "decode_bound", md, {"machine": info, "bandwidth_gbs": bw, "rows": rows})
+    write(out, "decode_bound", md, {"machine": info, "rows": rows})
 
 
 if __name__ == "__main__":
