@@ -16,6 +16,7 @@ from qkv import EncoderDecoder, preset
 from qkv.cli import main
 from qkv.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, to_bytes, train_bpe
 from qkv.translate import (
+    _row_topk,
     beam_search,
     decode_beam,
     decode_greedy,
@@ -109,6 +110,35 @@ def test_output_length_limits():
     for hyps in (greedy(model, src, min_len=9), beam_search(model, src, min_len=9)):
         assert min(len(h) for h in hyps) >= 9
         assert all(t not in (PAD_ID, BOS_ID, EOS_ID) for h in hyps for t in h)
+
+
+@pytest.mark.parametrize("V", [50, 8000, 8003])
+def test_row_topk_equals_topk(V):
+    torch.manual_seed(0)
+    x = torch.randn(6, V)
+    x[2, : V // 2] = float("-inf")
+    x[3] = float("-inf")
+    x[3, EOS_ID] = 0.0
+    values, indices = _row_topk(x, 8)
+    expected = x.topk(8, dim=1)
+    torch.testing.assert_close(values, expected.values)
+    finite = expected.values.isfinite()
+    assert torch.equal(indices[finite], expected.indices[finite])
+
+
+def test_cache_reorder_can_drop_sentences():
+    """KVCache.reorder with fewer rows (finished sentences dropped) and their sources."""
+    model, src = random_model(), sources()
+    memory, src_mask = model.encode(src)
+    tgt = torch.randint(4, V, (8, 3))  # 2 beams per sentence
+    cache = model.make_cache(8, 3)
+    model.decode(tgt[:, :2], memory, src_mask, cache)
+    rows, keep = torch.tensor([3, 2, 7, 7]), torch.tensor([1, 3])
+    cache.reorder(rows, keep)
+    step = model.decode(tgt[rows, 2:], memory[keep], src_mask[keep], cache)
+    full = model.decode(tgt[rows], memory[keep].repeat_interleave(2, 0),
+                        src_mask[keep].repeat_interleave(2, 0))
+    torch.testing.assert_close(step[:, 0], full[:, 2], rtol=1e-4, atol=1e-5)
 
 
 def test_decoding_restores_training_mode():

@@ -200,6 +200,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.lengths = [0] * n_layers
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
+        self._spare: tuple[Tensor, Tensor] | None = None  # reorder's second k, v buffers
 
     @property
     def length(self) -> int:
@@ -238,11 +239,28 @@ class KVCache:
         self.lengths[layer] = start + T
         return self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
 
-    def reorder(self, indices: Tensor) -> None:
-        """Select batch rows (beam search): row b becomes old row indices[b]."""
-        n = self.length
-        self.k[:, :, :, :n] = self.k[:, indices, :, :n]
-        self.v[:, :, :, :n] = self.v[:, indices, :, :n]
+    def reorder(self, indices: Tensor, sources: Tensor | None = None) -> None:
+        """Select batch rows (beam search): row b becomes old row indices[b].
+
+        indices may be shorter than the batch, dropping finished rows; then `sources`
+        (the memory rows that stay) also selects the cross-attention K/V.
+        """
+        if len(indices) != self.batch_size:  # rows dropped: new, smaller buffers
+            self.k, self.v = self.k.index_select(1, indices), self.v.index_select(1, indices)
+            self._spare = None
+        else:  # gather the filled prefix into spare buffers and swap: one copy, no alloc
+            if self._spare is None:
+                self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
+            n = self.length
+            for buf, out in zip((self.k, self.v), self._spare, strict=True):
+                if buf.requires_grad:  # out= does not record autograd
+                    out[:, :, :, :n] = buf[:, indices, :, :n]
+                else:
+                    torch.index_select(buf[:, :, :, :n], 1, indices, out=out[:, :, :, :n])
+            (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+        if sources is not None:
+            self.cross = [None if kv is None else (kv[0][sources], kv[1][sources])
+                          for kv in self.cross]
 
     def reset(self) -> None:
         """Forget every stored token and the cross-attention K/V; keep the buffers."""

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .attention import KVCache
@@ -78,48 +79,41 @@ def _eval_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def _next_logprobs(model: EncoderDecoder, seqs: Tensor, step: int, memory: Tensor,
-                   src_mask: Tensor, cache: KVCache | None) -> Tensor:
-    """Log-probs (N, V) of the token after seqs[:, :step + 1] (bos at column 0)."""
+def _next_logits(model: EncoderDecoder, seqs: Tensor, step: int, memory: Tensor,
+                 src_mask: Tensor, cache: KVCache | None, min_len: int,
+                 row_limit: Tensor) -> tuple[Tensor, Tensor]:
+    """Constrained logits (N, V) of the token after seqs[:, :step + 1] (bos at column 0)
+    and their log-normaliser (N,): log-prob = logit - lse, the model's own distribution.
+
+    Skipping log_softmax saves a pass over (N, V): only chosen tokens need log-probs.
+    """
     tgt = seqs[:, step : step + 1] if cache is not None else seqs[:, : step + 1]
     h = model.decoder(tgt, memory, src_mask, cache=cache)  # (N, T, C)
-    return model.logits(h[:, -1]).float().log_softmax(-1)  # (N, V)
+    logits = model.logits(h[:, -1]).float()  # (N, V)
+    lse = logits.logsumexp(-1)
+    return _constrain(logits, step, min_len, row_limit), lse
 
 
-def _constrain(logp: Tensor, step: int, min_len: int, row_limit: Tensor) -> Tensor:
+def _constrain(logits: Tensor, step: int, min_len: int, row_limit: Tensor) -> Tensor:
     """Never pad or bos; no eos before min_len tokens; only eos once a row has `row_limit`
     tokens. In place."""
-    logp[:, [PAD_ID, BOS_ID]] = NEG_INF
+    logits[:, PAD_ID] = NEG_INF
+    logits[:, BOS_ID] = NEG_INF
     at_limit = row_limit <= step  # (N,)
     forced = bool(at_limit.any())
-    eos = logp[at_limit, EOS_ID] if forced else None
+    eos = logits[at_limit, EOS_ID] if forced else None
     if step < min_len:
-        logp[:, EOS_ID] = NEG_INF
+        logits[:, EOS_ID] = NEG_INF
     if forced:
-        logp[at_limit] = NEG_INF
-        logp[at_limit, EOS_ID] = eos
-    return logp
+        logits[at_limit] = NEG_INF
+        logits[at_limit, EOS_ID] = eos
+    return logits
 
 
-def _select(cache: KVCache | None, rows: Tensor, sources: Tensor | None) -> None:
-    """Keep (and reorder) cache rows `rows`; with `sources`, also drop finished sentences.
-
-    Dropping shrinks the batch, which `KVCache.reorder` cannot do: copy the filled prefix
-    of the kept rows into smaller buffers and slice the cross-attention K/V by source.
-    """
-    if cache is None:
-        return
-    if sources is None:
-        cache.reorder(rows)
-        return
-    n = cache.length
-    for name in ("k", "v"):
-        old = getattr(cache, name)
-        new = old.new_zeros(old.shape[0], len(rows), *old.shape[2:])  # (L, N, G, S, D)
-        new[:, :, :, :n] = old[:, rows, :, :n]
-        setattr(cache, name, new)
-    cache.cross = [None if kv is None else (kv[0][sources], kv[1][sources])
-                   for kv in cache.cross]
+def _select(cache: KVCache | None, rows: Tensor, sources: Tensor | None = None) -> None:
+    """Keep cache rows `rows` in this order; `sources`: the sentences left, if fewer."""
+    if cache is not None:
+        cache.reorder(rows, sources)
 
 
 # -------------------------------------------------------------------------- greedy
@@ -147,9 +141,10 @@ def decode_greedy(
         cache = model.make_cache(src.shape[0], steps) if use_cache else None
         out: list[Hypothesis | None] = [None] * src.shape[0]
         for step in range(steps):
-            logp = _constrain(_next_logprobs(model, seqs, step, memory, src_mask, cache),
-                              step, min_len, limit)
-            lps[:, step], seqs[:, step + 1] = logp.max(-1)
+            logits, lse = _next_logits(model, seqs, step, memory, src_mask, cache, min_len,
+                                       limit)
+            best, seqs[:, step + 1] = logits.max(-1)
+            lps[:, step] = best - lse
             done = seqs[:, step + 1] == EOS_ID
             if bool(done.any()):
                 for row in done.nonzero()[:, 0].tolist():
@@ -220,17 +215,38 @@ class _Finished:
                           float(self.score[i]))
 
 
-def _beam_candidates(logp: Tensor, scores: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _row_topk(x: Tensor, k: int, chunk: int = 64) -> tuple[Tensor, Tensor]:
+    """x.topk(k, dim=1) for wide rows, about twice as fast on CPU for small k.
+
+    The k best of a row lie in at most k chunks, which are among the k chunks with the
+    largest maxima: one cheap max pass, then top-k over k * chunk values.
+    """
+    N, V = x.shape
+    if V <= 4 * k * chunk:
+        return x.topk(k, dim=1)
+    if V % chunk:
+        x = F.pad(x, (0, chunk - V % chunk), value=NEG_INF)
+    chunks = x.view(N, -1, chunk)  # (N, V/chunk, chunk)
+    best = chunks.amax(-1).topk(k, dim=1).indices  # (N, k)
+    cand = chunks.gather(1, best[:, :, None].expand(N, k, chunk)).view(N, k * chunk)
+    top, i = cand.topk(k, dim=1)
+    return top, best.gather(1, i // chunk) * chunk + i % chunk
+
+
+def _beam_candidates(logits: Tensor, lse: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
     """The 2K best (beam, token) continuations of each sentence, best first.
 
-    logp (b*K, V), scores (b, K) -> scores (b, 2K), beam index (b, 2K), token (b, 2K).
-    2K guarantees K of them do not end in eos (each beam has one eos candidate).
+    logits (b*K, V), lse (b*K,), scores (b, K) -> scores (b, 2K), beam index (b, 2K),
+    token (b, 2K). 2K guarantees K of them do not end in eos (one eos per beam). The
+    sentence's best 2K are among each beam's best 2K, so take those first: a top-k over
+    rows of V, then over b rows of K*2K, instead of one over b rows of K*V plus an add.
     """
     b, K = scores.shape
-    V = logp.shape[1]
-    total = (scores.reshape(-1, 1) + logp).view(b, K * V)  # (b, K*V)
-    top, idx = total.topk(min(2 * K, K * V), dim=1)
-    return top, idx // V, idx % V
+    n = min(2 * K, logits.shape[1])
+    row_top, row_tok = _row_topk(logits, n)  # (b*K, n)
+    total = (row_top + (scores.reshape(-1) - lse)[:, None]).view(b, K * n)  # (b, K*n)
+    top, idx = total.topk(min(2 * K, K * n), dim=1)  # (b, 2K)
+    return top, idx // n, row_tok.view(b, K * n).gather(1, idx)
 
 
 def _live(top: Tensor, beam: Tensor, tok: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,17 +309,18 @@ def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
     cache = model.make_cache(B * K, steps) if use_cache else None
     row_limit = limit.repeat_interleave(K)
     for step in range(steps):
-        logp = _constrain(_next_logprobs(model, seqs, step, memory, src_mask, cache),
-                          step, min_len, row_limit)
-        top, beam, tok = _beam_candidates(logp, scores)
+        logits, lse = _next_logits(model, seqs, step, memory, src_mask, cache, min_len,
+                                   row_limit)
+        top, beam, tok = _beam_candidates(logits, lse, scores)
         base = torch.arange(len(ids))[:, None] * K
         finished.add(ids, step, top[:, :K], beam[:, :K] + base, tok[:, :K] == EOS_ID,
-                     seqs, lps, logp[:, EOS_ID])
-        scores, beam, tok = _live(top, beam, tok, K)
+                     seqs, lps, logits[:, EOS_ID] - lse)
+        new_scores, beam, tok = _live(top, beam, tok, K)
         rows = (beam + base).view(-1)  # (b*K,) old row of each new beam
         seqs, lps = seqs[rows], lps[rows]
         seqs[:, step + 1] = tok.view(-1)
-        lps[:, step] = logp[rows, tok.view(-1)]
+        lps[:, step] = (new_scores - scores.gather(1, beam)).view(-1)  # the token's log-prob
+        scores = new_scores
         done = _done(finished, ids, scores[:, 0], step, limit, K)
         if bool(done.all()):
             break
@@ -315,7 +332,7 @@ def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
             seqs, lps = seqs[keep_rows], lps[keep_rows]
             _select(cache, rows[keep_rows], keep)
         else:
-            _select(cache, rows, None)
+            _select(cache, rows)
     return [finished.hypothesis(i) for i in range(B)]
 
 
