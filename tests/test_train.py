@@ -304,3 +304,14 @@ def test_batch_tokens_smaller_than_an_example(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "b")]) == 2
     assert "training.batch_tokens=5 (/ accum_steps=1) is smaller than the longest" in \
         capsys.readouterr().err
+
+
+def test_bf16_autocast_trains(tmp_path):
+    cfg = _config(tmp_path, training="bf16 = true\nmax_steps = 3")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "bf")]) == 0
+    losses = [x for _, x in _losses(tmp_path / "bf")]
+    assert len(losses) == 3 and all(0 < x < 20 for x in losses)
+    fp32 = _config(tmp_path, training="max_steps = 3")
+    assert main(["train", str(fp32), "--out", str(tmp_path / "fp")]) == 0
+    first = _losses(tmp_path / "fp")[0][1]
+    assert losses[0] == pytest.approx(first, rel=0.05) and losses[0] != first
