@@ -91,8 +91,19 @@ def test_evaluate_cli_model_against_its_own_output(files, capsys):
     assert status == 0
     scores = json.loads(out)
     assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    assert scores["beam"] == 2 and scores["sentences_per_second"] > 0
     assert (files / "out.txt").read_text(encoding="utf-8") == (files / "own.txt").read_text(
         encoding="utf-8")
+
+
+def test_evaluate_cli_prints_signatures_and_speed(files, capsys):
+    status = main(["evaluate", "--model", str(files / "model"), "--src", str(files / "src.txt"),
+                   "--ref", str(files / "ref.txt"), "--beam", "1", "--lowercase"])
+    lines = capsys.readouterr().out.splitlines()
+    assert status == 0 and len(lines) == 3
+    assert lines[0].startswith("BLEU|nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|version:")
+    assert lines[1].startswith("chrF2|nrefs:1|case:lc|")
+    assert lines[2].startswith("decoding: 3 sentences in ") and "(beam 1," in lines[2]
 
 
 def test_evaluate_cli_scores_a_hypothesis_file(files, capsys):

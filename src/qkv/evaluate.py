@@ -5,8 +5,11 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from .translate import (
     add_decoding_arguments,
@@ -66,21 +69,24 @@ def add_evaluate_arguments(parser) -> None:
     parser.add_argument("--output", help="also write the translations to this file")
 
 
-def _hypotheses(args, n_refs: int) -> list[str]:
+def _hypotheses(args, n_refs: int) -> tuple[list[str], float | None]:
+    """The hypotheses, and the seconds spent translating them (None for --hyp)."""
     if (args.hyp is None) == (args.model is None):
         raise ValueError("give either --model DIR with --src FILE, or --hyp FILE")
     if args.hyp is not None:
         hyps = read_lines(args.hyp)
         _same_count(args.hyp, len(hyps), args.ref, n_refs)
-        return hyps
+        return hyps, None
     if args.src is None:
         raise ValueError("--model needs --src FILE (the sources to translate)")
     check_decoding_arguments(args)
     src = read_lines(args.src)
     _same_count(args.src, len(src), args.ref, n_refs)
     model, tokenizer = load_translator(args.model)
-    return translate_lines(model, tokenizer, src, beam=args.beam, batch_size=args.batch_size,
+    start = time.perf_counter()
+    hyps = translate_lines(model, tokenizer, src, beam=args.beam, batch_size=args.batch_size,
                            alpha=args.alpha, max_extra=args.max_extra)
+    return hyps, time.perf_counter() - start
 
 
 def _same_count(a: str, n_a: int, b: str, n_b: int) -> None:
@@ -91,13 +97,20 @@ def _same_count(a: str, n_a: int, b: str, n_b: int) -> None:
 def run_evaluate(args) -> int:
     """Print BLEU and chrF (with signatures) of --model on --src, or of --hyp, against --ref."""
     refs = read_lines(args.ref)
-    hyps = _hypotheses(args, len(refs))
+    hyps, seconds = _hypotheses(args, len(refs))
     if args.output:
         Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
     scores = bleu(hyps, refs, lowercase=args.lowercase)
+    if seconds is not None:
+        scores.update(beam=args.beam, decode_seconds=seconds,
+                      sentences_per_second=len(hyps) / max(seconds, 1e-9))
     if args.json:
         print(json.dumps(scores))
-    else:
-        print(scores["bleu_line"])
-        print(scores["chrf_line"])
+        return 0
+    print(scores["bleu_line"])
+    print(scores["chrf_line"])
+    if seconds is not None:
+        print(f"decoding: {len(hyps)} sentences in {seconds:.1f} s, "
+              f"{scores['sentences_per_second']:.1f} sentences/s (beam {args.beam}, "
+              f"{torch.get_num_threads()} threads)")
     return 0
