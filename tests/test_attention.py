@@ -140,7 +140,7 @@ def test_padding_mask_shape_and_polarity():
     assert_close(padding_mask(tokens, pad_id=0), expected)
 
 
-@settings(max_examples=300, deadline=None, derandomize=True)
+@settings(max_examples=200, deadline=None, derandomize=True)
 @given(
     B=st.integers(1, 3), H=st.sampled_from([1, 2, 4, 6, 8]), T=st.integers(1, 6),
     S=st.integers(1, 6), D=st.integers(1, 8), causal=st.booleans(),
