@@ -389,6 +389,15 @@ def test_kv_cache_reorder_selects_rows_and_keeps_cross():
         assert_close(cache.k[layer, :, :, :2], expected)
         assert_close(cache.v[layer, :, :, :2], -expected)
     assert cache.length == 2 and cache.cross[0] is cross
+    step = torch.tensor([5.0, 6.0, 7.0])[:, None, None, None].expand(3, 1, 1, 2)
+    for layer in range(2):
+        cache.update(layer, step, -step)
+    cache.reorder(torch.tensor([1, 0, 0]))  # a second reorder: the swapped buffers again
+    expected = torch.tensor([[2.0, 2.0, 6.0], [2.0, 2.0, 5.0], [2.0, 2.0, 5.0]])
+    expected = expected[:, None, :, None].expand(3, 1, 3, 2)
+    for layer in range(2):
+        assert_close(cache.k[layer, :, :, :3], expected)
+        assert_close(cache.v[layer, :, :, :3], -expected)
 
 
 # ---------------------------------------------------- MultiHeadAttention vs torch
@@ -504,3 +513,20 @@ def test_cross_attention_with_beams_shares_source_kv():
     out = [mha(x[:, t : t + 1], memory, mask=mask, cache=cache) for t in range(4)]
     assert_close(torch.cat(out, 1), expected, **F64)
     assert cache.cross[0][0].shape == (2, 1, 5, 4)  # per source, not per beam
+
+
+def test_kv_cache_reorder_can_drop_finished_rows():
+    """Fewer indices than rows: a smaller cache; `sources` selects the cross K/V too."""
+    cache = KVCache(1, 4, 1, 2, max_seq_len=3)
+    k = torch.arange(4.0)[:, None, None, None].expand(4, 1, 2, 2).clone()  # row b holds b
+    cache.update(0, k, -k)
+    cross_k = torch.arange(2.0)[:, None, None, None].expand(2, 1, 5, 2)  # 2 sources
+    cache.cross[0] = (cross_k, -cross_k)
+    cache.reorder(torch.tensor([3, 2]), sources=torch.tensor([1]))
+    assert cache.batch_size == 2 and cache.length == 2
+    expected = torch.tensor([3.0, 2.0])[:, None, None, None].expand(2, 1, 2, 2)
+    assert_close(cache.k[0, :, :, :2], expected)
+    assert_close(cache.v[0, :, :, :2], -expected)
+    assert_close(cache.cross[0][0], cross_k[1:])
+    ks, _ = cache.update(0, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
+    assert_close(ks[:, :, :2], expected)
