@@ -204,15 +204,69 @@ def overhead_rows() -> list[list]:
     return rows
 
 
+def path_fns(T: int, G: int, causal: bool) -> dict:
+    """The ways to run GQA/MQA through SDPA: which should qkv.attention pick?"""
+    q, k, v = (torch.randn(B, n, T, D) for n in (H, G, G))
+    R = H // G
+    fold_mask = qkv.causal_mask(T).repeat(R, 1) if causal else None  # (R*T, S)
+
+    def inputs(grad):
+        return [t.detach().requires_grad_(grad) for t in (q, k, v)]
+
+    def fold(a, b, c):
+        out = F.scaled_dot_product_attention(a.reshape(B, G, R * T, D), b, c, attn_mask=fold_mask)
+        return out.reshape(B, H, T, D)  # (B, G, R*T, D) -> (B, H, T, D)
+
+    fns = {
+        "enable_gqa": lambda a, b, c: F.scaled_dot_product_attention(
+            a, b, c, is_causal=causal, enable_gqa=True),
+        "fold": fold,
+        "repeat K/V": lambda a, b, c: F.scaled_dot_product_attention(
+            a, b.repeat_interleave(R, 1), c.repeat_interleave(R, 1), is_causal=causal),
+    }
+    return {name: (fn, inputs) for name, fn in fns.items()}
+
+
+def paths_main(args, out, info) -> None:
+    """--paths: time the candidate fused calls for G < H (the choice in qkv.attention)."""
+    rows = []
+    for T in ([32] if args.quick else [512]):
+        for causal in (False, True):
+            for G in (2, 1):
+                for backward in (False, True):
+                    stats = run_case(path_fns(T, G, causal), backward)
+                    rows.append([T, causal, G, "fwd+bwd" if backward else "fwd",
+                                 len(stats["fold"].times),
+                                 *(fmt_stats(*s.scaled(1e3)) for s in stats.values()),
+                                 ratio_cell(paired(stats, "fold", "enable_gqa")),
+                                 ratio_cell(paired(stats, "repeat K/V", "enable_gqa"))])
+                    print(rows[-1], flush=True)
+    md = "\n\n".join([
+        "### GQA/MQA through SDPA: enable_gqa vs folding query heads vs repeating K/V",
+        context_line(info, command_line()),
+        f"B={B}, H={H}, D={D}, float32. fold: q viewed as (B, G, R*T, D), with an explicit "
+        "(R*T, S) causal mask when causal (the kernel's is_causal would be wrong for the "
+        "folded axis); repeat K/V: K/V materialised to H heads, then is_causal. Times in ms "
+        "(median (min-max)); ratios are medians of paired per-repeat ratios.",
+        table(["T", "causal", "G", "pass", "n", "enable_gqa ms", "fold ms", "repeat K/V ms",
+               "fold / enable_gqa", "repeat / enable_gqa"], rows),
+    ])
+    write(out, "attention_paths", md, {"machine": info, "rows": rows})
+
+
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--seq", type=int, nargs="+", default=[128, 512, 1024])
+    p.add_argument("--paths", action="store_true",
+                   help="only compare the fused calls qkv.attention could make for G < H")
     args = p.parse_args()
     out = setup(args)
     global CLOCK, REPEATS, BUDGET
     CLOCK = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     REPEATS, BUDGET = args.repeats, 0.2 if args.quick else BUDGET
     info = machine_info()
+    if args.paths:
+        return paths_main(args, out, info)
     seqs = [16, 32] if args.quick else args.seq
     rows, mod_rows, data = [], [], []
     for T in seqs:
