@@ -71,12 +71,14 @@ def _limits(model: EncoderDecoder, src: Tensor, max_len: int | None, max_extra: 
 def _eval_mode(model: torch.nn.Module):
     """Dropout off while decoding (training calls us for validation BLEU), mode restored."""
     was_training = model.training
-    model.eval()
+    if was_training:  # each switch walks every module: skip it when already in eval mode
+        model.eval()
     try:
         with torch.inference_mode():
             yield
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
 
 
 def _next_logits(model: EncoderDecoder, seqs: Tensor, step: int, memory: Tensor,
