@@ -262,3 +262,14 @@ def test_fewer_kv_heads_shrink_only_kv_projections(G):
 
 def test_models_registry():
     assert set(MODELS) == {"EncoderDecoder", "DecoderLM", "EncoderClassifier"}
+
+
+@pytest.mark.parametrize("G", KV_HEADS)
+def test_encoder_decoder_future_target_tokens_do_not_change_the_past(G):
+    model = encdec(G)
+    src, tgt = tokens(2, 6), tokens(2, 7, seed=1)
+    other = tgt.clone()
+    other[:, 4:] = tokens(2, 3, seed=9)
+    a, b = model(src, tgt), model(src, other)
+    assert_close(a[:, :4], b[:, :4], **F64)
+    assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
