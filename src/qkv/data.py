@@ -215,8 +215,8 @@ def _get_one(name: str, dest: Path, from_dir) -> tuple[str, str]:
 
 
 def add_data_arguments(parser) -> None:
-    parser.add_argument("dataset", choices=["multi30k"], help="the corpus to fetch")
-    parser.add_argument("action", nargs="?", default="get", choices=["get"])
+    parser.add_argument("action", choices=["get"], help="get: download or copy a corpus")
+    parser.add_argument("dataset", choices=["multi30k"], help="the corpus")
     parser.add_argument("--dest", default="data/multi30k", help="output folder")
     parser.add_argument("--from", dest="from_dir", metavar="DIR",
                         help="copy from an offline mirror instead of downloading")
