@@ -45,6 +45,11 @@ def length_penalty(length: Tensor | int, alpha: float) -> Tensor:
     return ((5.0 + torch.as_tensor(length, dtype=torch.float32)) / 6.0) ** alpha
 
 
+def _lp(length: int, alpha: float) -> float:
+    """length_penalty for one length, as a float (no tensor in the hot loop)."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
 # ------------------------------------------------------------------ shared helpers
 
 
@@ -198,7 +203,7 @@ class _Finished:
         if not bool(fin.any()):
             return
         self.count[ids] += fin.sum(1)
-        score = torch.where(fin, top, NEG_INF) / length_penalty(step + 1, self.alpha)
+        score = torch.where(fin, top, NEG_INF) / _lp(step + 1, self.alpha)
         best, j = score.max(1)  # (b,): same length, so the best raw score is the best
         better = best > self.score[ids]
         if not bool(better.any()):
@@ -260,18 +265,17 @@ def _live(top: Tensor, beam: Tensor, tok: Tensor, K: int) -> tuple[Tensor, Tenso
 
 
 def _done(finished: _Finished, ids: Tensor, best_live: Tensor, step: int, limit: Tensor,
-          K: int) -> Tensor:
+          max_lp: Tensor, K: int) -> Tensor:
     """(b,) sentences whose best finished hypothesis no live beam is expected to beat.
 
     Certain when it beats the best live score divided by the largest length penalty
-    (scores only fall, the penalty only grows up to the limit). Once K hypotheses have
-    finished, also when it beats the best live beam ended at the next step, as HF's
-    default (so beam 1 stops where greedy does).
+    max_lp = lp(limit + 1) (scores only fall, the penalty only grows up to the limit).
+    Once K hypotheses have finished, also when it beats the best live beam ended at the
+    next step, as HF's default (so beam 1 stops where greedy does).
     """
     best = finished.score[ids]
-    certain = best >= best_live / length_penalty(limit + 1, finished.alpha)
-    likely = (finished.count[ids] >= K) & (best >= best_live / length_penalty(step + 2,
-                                                                              finished.alpha))
+    certain = best >= best_live / max_lp
+    likely = (finished.count[ids] >= K) & (best >= best_live / _lp(step + 2, finished.alpha))
     return certain | likely | (limit <= step)
 
 
@@ -310,11 +314,12 @@ def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
     finished = _Finished(B, steps, alpha)
     cache = model.make_cache(B * K, steps) if use_cache else None
     row_limit = limit.repeat_interleave(K)
+    max_lp = length_penalty(limit + 1, alpha)  # (b,) the largest penalty a beam can reach
+    base = torch.arange(B)[:, None] * K  # (b, 1) first row of each sentence
     for step in range(steps):
         logits, lse = _next_logits(model, seqs, step, memory, src_mask, cache, min_len,
                                    row_limit)
         top, beam, tok = _beam_candidates(logits, lse, scores)
-        base = torch.arange(len(ids))[:, None] * K
         finished.add(ids, step, top[:, :K], beam[:, :K] + base, tok[:, :K] == EOS_ID,
                      seqs, lps, logits[:, EOS_ID] - lse)
         new_scores, beam, tok = _live(top, beam, tok, K)
@@ -323,13 +328,15 @@ def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
         seqs[:, step + 1] = tok.view(-1)
         lps[:, step] = (new_scores - scores.gather(1, beam)).view(-1)  # the token's log-prob
         scores = new_scores
-        done = _done(finished, ids, scores[:, 0], step, limit, K)
-        if bool(done.all()):
+        done = _done(finished, ids, scores[:, 0], step, limit, max_lp, K)
+        n_done = int(done.sum())
+        if n_done == len(ids):
             break
-        if bool(done.any()):
+        if n_done:
             keep = (~done).nonzero()[:, 0]
             keep_rows = (keep[:, None] * K + torch.arange(K)).view(-1)  # (b'*K,)
-            ids, limit, scores = ids[keep], limit[keep], scores[keep]
+            ids, limit, scores, max_lp = ids[keep], limit[keep], scores[keep], max_lp[keep]
+            base = base[: len(keep)]
             memory, src_mask, row_limit = memory[keep], src_mask[keep], row_limit[keep_rows]
             seqs, lps = seqs[keep_rows], lps[keep_rows]
             _select(cache, rows[keep_rows], keep)
