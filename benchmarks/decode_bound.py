@@ -84,6 +84,7 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
 
 
 def plot(rows: list[dict], path) -> None:
+    import matplotlib.ticker
     batches = sorted({r["batch"] for r in rows})
     fig, axes = figure(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
     for ax, batch in zip(axes[0], batches, strict=True):
@@ -95,6 +96,8 @@ def plot(rows: list[dict], path) -> None:
                     label=f"{g} kv heads: bandwidth bound")
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="ms per step",
                title=f"batch {batch}")
+        ax.set_xticks(x, [str(c) for c in x], minor=False)
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
