@@ -67,9 +67,12 @@ def test_beam_one_equals_greedy():
     assert len({len(h.tokens) for h in plain}) > 1  # sentences end at different steps
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_cached_equals_uncached(n_kv_heads):
-    model, src = random_model(n_kv_heads=n_kv_heads), sources()
+@pytest.mark.parametrize("overrides", [
+    dict(n_kv_heads=4), dict(n_kv_heads=2), dict(n_kv_heads=1),
+    dict(positions="rope", norm_place="pre", n_kv_heads=2), dict(positions="learned"),
+])
+def test_cached_equals_uncached(overrides):
+    model, src = random_model(**overrides), sources()
     assert_same(decode_greedy(model, src, max_extra=6),
                 decode_greedy(model, src, max_extra=6, use_cache=False))
     assert_same(decode_beam(model, src, beam=3, max_extra=6),
