@@ -335,6 +335,20 @@ def test_translate_cli_last_line_without_newline(checkpoint, monkeypatch, capsys
     assert out == "\n" + translate_lines(model, tok, [LINES[3]])[0] + "\n"
 
 
+def test_translate_cli_reads_bytes_and_rejects_bad_utf8(checkpoint, monkeypatch, capsys):
+    path, model, tok = checkpoint
+    good = io.TextIOWrapper(io.BytesIO((LINES[0] + "\r\n\n").encode()), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", good)
+    assert main(["translate", "--model", str(path)]) == 0
+    assert capsys.readouterr().out == translate_lines(model, tok, [LINES[0]])[0] + "\n\n"
+    bad = io.TextIOWrapper(io.BytesIO(b"a man .\nok\n\xff\n"), encoding="utf-8")
+    monkeypatch.setattr("sys.stdin", bad)
+    assert main(["translate", "--model", str(path), "--batch-size", "1"]) == 2
+    captured = capsys.readouterr()
+    assert "qkv: error: stdin line 3 is not valid UTF-8" in captured.err
+    assert len(captured.out.splitlines()) == 2  # the lines before it were written
+
+
 def test_translate_cli_errors(checkpoint, tmp_path, monkeypatch, capsys):
     path, _, _ = checkpoint
     cases = [

@@ -445,11 +445,24 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
         yield batch
 
 
+def _stdin_lines() -> Iterator[str]:
+    """Lines of stdin, decoded one by one so that a bad byte is reported with its line."""
+    raw = getattr(sys.stdin, "buffer", None)
+    if raw is None:  # a text stream without bytes underneath (tests)
+        yield from sys.stdin
+        return
+    for n, line in enumerate(raw, 1):
+        try:
+            yield line.decode("utf-8")
+        except UnicodeDecodeError:
+            raise ValueError(f"stdin line {n} is not valid UTF-8") from None
+
+
 def run_translate(args) -> int:
     """stdin -> stdout, one line in, one line out, each batch written as soon as it is done."""
     check_decoding_arguments(args)
     model, tokenizer = load_translator(args.model)
-    for lines in _batches(sys.stdin, args.batch_size):
+    for lines in _batches(_stdin_lines(), args.batch_size):
         outputs = translate_lines(model, tokenizer, lines, beam=args.beam,
                                   batch_size=args.batch_size, alpha=args.alpha,
                                   max_extra=args.max_extra)
