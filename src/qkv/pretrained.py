@@ -15,6 +15,7 @@ import importlib.util
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,10 +99,12 @@ def package_file(package: str, relpath: str) -> Path:
     return path
 
 
-def load_pretrained(name_or_path: str | os.PathLike, *, n_classes: int = 2) -> Pretrained:
+def load_pretrained(name_or_path: str | os.PathLike, *, n_classes: int = 2,
+                    progress: Callable[[int, int], None] | None = None) -> Pretrained:
     """A pretrained model by name or path (see the module docstring), float32, eval mode.
 
     n_classes: size of the (freshly initialised) head when loading a BERT encoder.
+    progress(i, total): called before the i-th GGUF tensor is dequantised.
     """
     if str(name_or_path) in PRETRAINED:
         package, relpath = PRETRAINED[str(name_or_path)]
@@ -115,7 +118,7 @@ def load_pretrained(name_or_path: str | os.PathLike, *, n_classes: int = 2) -> P
     if path.is_dir():
         return _load_dir(path, n_classes)
     if path.suffix == ".gguf":
-        return load_gguf(path)
+        return load_gguf(path, progress)
     if path.suffix == ".safetensors":
         return load_bert(path, n_classes=n_classes)
     raise ValueError(f"{path}: expected a .gguf or .safetensors file or a checkpoint directory")
@@ -298,9 +301,12 @@ def _llama_name(name: str) -> str | None:
     return None
 
 
-def _llama_state(tensors: list[GGUFTensor], cfg: ModelConfig, path: Path) -> dict:
+def _llama_state(tensors: list[GGUFTensor], cfg: ModelConfig, path: Path,
+                 progress: Callable[[int, int], None] | None = None) -> dict:
     state, unknown = {}, []
-    for t in tensors:
+    for i, t in enumerate(tensors):
+        if progress is not None:
+            progress(i, len(tensors))
         ours = _llama_name(t.name)
         if ours is None:
             unknown.append(t.name)
@@ -316,7 +322,8 @@ def _llama_state(tensors: list[GGUFTensor], cfg: ModelConfig, path: Path) -> dic
     return state
 
 
-def load_gguf(path: str | os.PathLike) -> Pretrained:
+def load_gguf(path: str | os.PathLike,
+              progress: Callable[[int, int], None] | None = None) -> Pretrained:
     """A Llama-architecture GGUF file -> DecoderLM (float32) and its byte-level BPE tokenizer."""
     path = Path(path)
     meta, tensors = read_gguf(path)
@@ -327,7 +334,7 @@ def load_gguf(path: str | os.PathLike) -> Pretrained:
     untied = any(t.name == "output.weight" for t in tensors)
     cfg = _llama_config(meta, path, untied)
     model = DecoderLM(cfg)
-    checkpoint._copy_into(model, _llama_state(tensors, cfg, path), path)
+    checkpoint._copy_into(model, _llama_state(tensors, cfg, path, progress), path)
     return Pretrained(
         model.eval(), gguf_tokenizer(meta), _opt_int(meta, "tokenizer.ggml.eos_token_id"),
         _opt_int(meta, "tokenizer.ggml.bos_token_id"),
