@@ -17,13 +17,16 @@ from tests.test_generate import byte_tokenizer, tiny_lm
 def test_measure_reports_cache_bytes_and_perplexity():
     model = tiny_lm()
     ids = list(range(5, 45))
-    for m in (model, convert_kv_heads(model, 1)):
-        row = measure("m", m, ids, context=8, steps=2, batch=2, window=16)
+    models = [("a", model), ("b", convert_kv_heads(model, 1))]
+    rows = measure(models, ids, context=8, steps=2, batch=2, window=16, repeats=2)
+    for row, (name, m) in zip(rows, models, strict=True):
         cfg = m.cfg
+        assert row.name == name and row.n_kv_heads == cfg.n_kv_heads
         assert row.kv_bytes_per_token == KVCache.bytes_per_token(cfg.n_layers, cfg.n_kv_heads,
                                                                  cfg.head_dim)
         assert row.perplexity == pytest.approx(perplexity(m, ids, window=16, stride=8))
-        assert row.tokens_per_s > 0 and row.n_kv_heads == cfg.n_kv_heads
+        assert row.tokens_per_s > 0
+    assert measure(models, None, context=8, steps=1, batch=1, window=16)[0].perplexity is None
 
 
 def test_decode_speed_leaves_room_in_the_cache():

@@ -69,15 +69,23 @@ def decode_speed(model: DecoderLM, context: int, steps: int = 16, batch: int = 1
     return batch * steps / (time.perf_counter() - start)
 
 
-def measure(name: str, model: DecoderLM, ids: list[int] | None, *, context: int, steps: int,
-            batch: int, window: int) -> Row:
-    """One table row: cache bytes, decoding speed, perplexity of `ids` (None: skipped)."""
-    ppl = None
-    if ids is not None:
-        ppl = perplexity(model, ids, window=min(window, len(ids)),
-                         stride=max(1, min(window, len(ids)) // 2))
-    return Row(name, model.cfg.n_kv_heads, kv_bytes_per_token(model),
-               decode_speed(model, context, steps, batch), ppl)
+def _perplexity(model: DecoderLM, ids: list[int] | None, window: int) -> float | None:
+    if not ids:
+        return None
+    window = min(window, len(ids))
+    return perplexity(model, ids, window=window, stride=max(1, window // 2))
+
+
+def measure(models: list[tuple[str, DecoderLM]], ids: list[int] | None, *, context: int,
+            steps: int, batch: int, window: int, repeats: int = 1) -> list[Row]:
+    """One row per model: cache bytes, best decoding speed of `repeats` rounds (models take
+    turns, so a busy machine slows all alike), perplexity of `ids` (None: skipped)."""
+    speeds = [0.0] * len(models)
+    for _ in range(repeats):
+        for i, (_, model) in enumerate(models):
+            speeds[i] = max(speeds[i], decode_speed(model, context, steps, batch))
+    return [Row(name, m.cfg.n_kv_heads, kv_bytes_per_token(m), speed, _perplexity(m, ids, window))
+            for (name, m), speed in zip(models, speeds, strict=True)]
 
 
 def format_table(rows: list[Row], context: int, batch: int) -> str:
@@ -111,6 +119,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fraction", default="0:1", help="part of --text, by characters")
     parser.add_argument("--max-tokens", type=int, default=None, help="first N tokens of it")
     parser.add_argument("--window", type=int, default=1024, help="perplexity window")
+    parser.add_argument("--no-perplexity", action="store_true", help="skip perplexity")
+    parser.add_argument("--repeats", type=int, default=1, help="timing rounds (best is kept)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
 
 
@@ -130,7 +140,8 @@ def _stream_completion(p, prompt: str, max_new_tokens: int) -> None:
         if step[0] is not None:
             print(streamer.push(step[0]), end="", flush=True)
 
-    generate(p.model, [p.encode(prompt)], max_new_tokens, eos_id=p.eos_id, stream=show)
+    if max_new_tokens > 0:
+        generate(p.model, [p.encode(prompt)], max_new_tokens, eos_id=p.eos_id, stream=show)
     print(streamer.finish(), flush=True)
 
 
@@ -139,9 +150,9 @@ def run_demo(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.context < 1 or args.steps < 1 or args.batch < 1:
-        raise ValueError(f"--context ({args.context}), --steps ({args.steps}) and --batch "
-                         f"({args.batch}) must be >= 1")
+    if min(args.context, args.steps, args.batch, args.repeats) < 1:
+        raise ValueError(f"--context ({args.context}), --steps ({args.steps}), --batch "
+                         f"({args.batch}) and --repeats ({args.repeats}) must be >= 1")
     text = PARAGRAPH if args.text is None else read_fraction(args.text, args.fraction)
     t0 = time.perf_counter()
     _say(f"[1/4] loading {args.model} (offline)")
@@ -161,14 +172,12 @@ def run_demo(args: argparse.Namespace) -> int:
     models = [(f"original ({cfg.attention_kind})", p.model)]
     models.append((f"converted ({converted.cfg.attention_kind}, no uptraining)", converted))
     models += [(path, load_lm(path).model) for path in args.also]
-    ids = p.encode(text)[: args.max_tokens]
-    _say(f"[4/4] measuring: perplexity on {len(ids)} tokens, {args.steps} decoding steps at "
-         f"context {args.context}, batch {args.batch}")
-    rows = []
-    for name, model in models:
-        rows.append(measure(name, model, ids, context=args.context, steps=args.steps,
-                            batch=args.batch, window=args.window))
-        _say(f"  {name}: done")
+    ids = None if args.no_perplexity else p.encode(text)[: args.max_tokens]
+    what = "" if ids is None else f"perplexity on {len(ids)} tokens, "
+    _say(f"[4/4] measuring: {what}{args.steps} decoding steps at context {args.context}, "
+         f"batch {args.batch}, best of {args.repeats}")
+    rows = measure(models, ids, context=args.context, steps=args.steps, batch=args.batch,
+                   window=args.window, repeats=args.repeats)
     print()
     print(format_table(rows, args.context, args.batch))
     _say(f"demo finished in {time.perf_counter() - t0:.0f}s")
