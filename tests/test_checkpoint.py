@@ -235,3 +235,15 @@ def test_missing_extra_file(tmp_path):
     path.unlink()
     with pytest.raises(CheckpointError, match=rf"{path.name}: file named in .*config.json is mis"):
         read_file(tmp_path, "tokenizer")
+
+
+def test_unique_state_dict_keeps_slices_of_one_storage_apart():
+    """Only the same tensor (tied weights) is deduplicated, not views of one buffer."""
+    from qkv.checkpoint import unique_state_dict
+
+    m = nn.Module()
+    packed = torch.arange(6.0)
+    m.a, m.b = nn.Parameter(packed[:3]), nn.Parameter(packed[3:])
+    m.tied = nn.Linear(2, 2)
+    m.again = m.tied
+    assert list(unique_state_dict(m)) == ["a", "b", "tied.weight", "tied.bias"]

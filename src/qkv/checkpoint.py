@@ -33,10 +33,12 @@ class CheckpointError(ValueError):
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The state dict with each shared (tied) tensor once, under its first name."""
-    seen: set[int] = set()
+    seen: set = set()
     out = {}
     for name, t in model.state_dict().items():
-        key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        # the same view of the same storage; distinct slices of one buffer are kept apart
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+        key = key if t.numel() else id(t)
         if key in seen:
             continue
         seen.add(key)
