@@ -273,3 +273,20 @@ def test_encoder_decoder_future_target_tokens_do_not_change_the_past(G):
     a, b = model(src, tgt), model(src, other)
     assert_close(a[:, :4], b[:, :4], **F64)
     assert (a[:, 4:] - b[:, 4:]).abs().amax() > 1e-3
+
+
+@pytest.mark.parametrize("G", [2, 1])
+def test_gqa_model_equals_mha_model_with_repeated_kv_weights(G):
+    """A whole GQA/MQA EncoderDecoder equals the MHA one whose K/V rows are repeated."""
+    gqa = encdec(G)
+    mha = encdec(4)
+    H, D = gqa.cfg.n_heads, gqa.cfg.head_dim
+    state = {}
+    for name, t in gqa.state_dict().items():
+        if ".k_proj." in name or ".v_proj." in name:  # (G*D, ...) -> (H*D, ...)
+            t = t.reshape(G, D, *t.shape[1:]).repeat_interleave(H // G, 0).flatten(0, 1)
+        state[name] = t
+    mha.load_state_dict(state)
+    src, tgt = tokens(2, 6), tokens(2, 5, seed=1)
+    src[1, 4:] = 0
+    assert_close(gqa(src, tgt), mha(src, tgt), **F64)
