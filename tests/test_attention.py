@@ -530,3 +530,18 @@ def test_kv_cache_reorder_can_drop_finished_rows():
     assert_close(cache.cross[0][0], cross_k[1:])
     ks, _ = cache.update(0, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
     assert_close(ks[:, :, :2], expected)
+
+
+def test_attention_dropout_only_while_training():
+    mha = MultiHeadAttention(16, 4, 2, dropout=0.5).double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    mha.eval()
+    assert_close(mha(x), mha(x), **F64)
+    mha.train()
+    assert (mha(x) - mha(x)).abs().amax() > 1e-3
+    q, k, v = qkv_tensors(1, 4, 2, 5, 5, 8)
+    torch.manual_seed(1)
+    a = attention(q, k, v, dropout=0.5)
+    torch.manual_seed(1)
+    assert_close(attention(q, k, v, dropout=0.5), a, **F64)  # seeded: reproducible
+    assert (a - attention(q, k, v)).abs().amax() > 1e-3
