@@ -47,7 +47,8 @@ class Task:
     def evaluate(self, model, cfg: TrainConfig) -> dict:
         raise NotImplementedError
 
-    def _valid_batches(self, examples_len: int, max_tokens: int, lengths: list[int]):
+    def _valid_batches(self, max_tokens: int, lengths: list[int]) -> list[list[int]]:
+        """Validation batches in a fixed order (no shuffling)."""
         batcher = qdata.TokenBatcher(lengths, max(max_tokens, max(lengths)), shuffle=False)
         return batcher.batches(0)
 
@@ -105,7 +106,7 @@ class TranslationTask(Task):
             return {}
         total, n = 0.0, 0
         lengths = [max(len(s), len(t)) for s, t in zip(self.vsrc, self.vtgt, strict=True)]
-        for idx in self._valid_batches(len(lengths), cfg.training.batch_tokens, lengths):
+        for idx in self._valid_batches(cfg.training.batch_tokens, lengths):
             loss, units = self.loss(model, self.collate(idx, self.vsrc, self.vtgt), 0.0)
             total, n = total + float(loss), n + units
         out = {"valid_loss": total / n, "valid_ppl": math.exp(min(total / n, 50))}
@@ -164,7 +165,7 @@ class ClassificationTask(Task):
             return {}
         total, correct = 0.0, 0
         lengths = [len(x) for x in self.vids]
-        for idx in self._valid_batches(len(lengths), cfg.training.batch_tokens, lengths):
+        for idx in self._valid_batches(cfg.training.batch_tokens, lengths):
             batch = self.collate(idx, self.vids, self.vlabels)
             logits = model(batch["tokens"])
             total += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
