@@ -167,6 +167,7 @@ def test_decoding_restores_training_mode():
     (dict(max_extra=-1), "max_extra=-1 must be >= 0"),
     (dict(min_len=-2), "min_len=-2 must be >= 0"),
     (dict(max_len=0), "max_len=0 must be >= 1"),
+    (dict(beam=V), f"beam={V} must be below vocab_size={V}"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -240,20 +240,22 @@ def _row_topk(x: Tensor, k: int, chunk: int = 64) -> tuple[Tensor, Tensor]:
     return top, best.gather(1, i // chunk) * chunk + i % chunk
 
 
-def _beam_candidates(logits: Tensor, lse: Tensor, scores: Tensor) -> tuple[Tensor, ...]:
+def _beam_candidates(logits: Tensor, lse: Tensor, scores: Tensor,
+                     K: int) -> tuple[Tensor, Tensor, Tensor]:
     """The 2K best (beam, token) continuations of each sentence, best first.
 
-    logits (b*K, V), lse (b*K,), scores (b, K) -> scores (b, 2K), beam index (b, 2K),
-    token (b, 2K). 2K guarantees K of them do not end in eos (one eos per beam). The
-    sentence's best 2K are among each beam's best 2K, so take those first: a top-k over
-    rows of V, then over b rows of K*2K, instead of one over b rows of K*V plus an add.
+    logits (b*W, V), lse (b*W,), scores (b, W) for W current beams (1 at the first step)
+    -> scores (b, 2K), beam index (b, 2K), token (b, 2K). 2K guarantees K of them do not
+    end in eos (one eos per beam). The sentence's best 2K are among each beam's best 2K,
+    so take those first: a top-k over rows of V, then over b rows of W*2K, instead of
+    one over b rows of W*V plus an add.
     """
-    b, K = scores.shape
+    b, W = scores.shape
     n = min(2 * K, logits.shape[1])
-    row_top, row_tok = _row_topk(logits, n)  # (b*K, n)
-    total = (row_top + (scores.reshape(-1) - lse)[:, None]).view(b, K * n)  # (b, K*n)
-    top, idx = total.topk(min(2 * K, K * n), dim=1)  # (b, 2K)
-    return top, idx // n, row_tok.view(b, K * n).gather(1, idx)
+    row_top, row_tok = _row_topk(logits, n)  # (b*W, n)
+    total = (row_top + (scores.reshape(-1) - lse)[:, None]).view(b, W * n)  # (b, W*n)
+    top, idx = total.topk(min(2 * K, W * n), dim=1)  # (b, 2K)
+    return top, idx // n, row_tok.view(b, W * n).gather(1, idx)
 
 
 def _live(top: Tensor, beam: Tensor, tok: Tensor, K: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -295,54 +297,83 @@ def decode_beam(
                 max_len=(1 if max_len is None else max_len, 1))
     if alpha < 0:
         raise ValueError(f"alpha={alpha} must be >= 0 (the stopping bound assumes it)")
+    if beam >= model.cfg.vocab_size:
+        raise ValueError(f"beam={beam} must be below vocab_size={model.cfg.vocab_size}")
     with _eval_mode(model):
         return _beam(model, src, beam, alpha, _limits(model, src, max_len, max_extra),
                      min_len, use_cache)
 
 
+class _Beams:
+    """The live beams of the sentences still running, rows [sentence 0 beams, ...].
+
+    Each sentence starts with one beam (bos) and fans out to K at the first step, so
+    that step runs B rows, not B*K identical ones.
+    """
+
+    def __init__(self, src: Tensor, limit: Tensor, steps: int, alpha: float):
+        B = src.shape[0]
+        self.ids = torch.arange(B)  # original sentence of each sentence still running
+        self.limit, self.row_limit = limit, limit
+        self.max_lp = length_penalty(limit + 1, alpha)  # the largest penalty a beam can get
+        self.seqs = src.new_full((B, steps + 1), PAD_ID)  # (rows, 1 + steps)
+        self.seqs[:, 0] = BOS_ID
+        self.lps = torch.zeros(B, steps)  # (rows, steps) log-prob of each token
+        self.scores = torch.zeros(B, 1)  # (b, beams per sentence) sums of log-probs
+
+    @property
+    def base(self) -> Tensor:
+        """(b, 1) first row of each sentence."""
+        b, width = self.scores.shape
+        return torch.arange(b)[:, None] * width
+
+    def advance(self, step: int, scores: Tensor, rows: Tensor, tok: Tensor) -> None:
+        """New beams: scores (b, K), old rows (b*K,), tokens (b*K,)."""
+        K = scores.shape[1]
+        if self.scores.shape[1] != K:
+            self.row_limit = self.limit.repeat_interleave(K)
+        old = self.scores.view(-1)[rows].view_as(scores)
+        self.seqs, self.lps = self.seqs[rows], self.lps[rows]
+        self.seqs[:, step + 1] = tok
+        self.lps[:, step] = (scores - old).view(-1)  # the new token's log-prob
+        self.scores = scores
+
+    def keep(self, keep: Tensor) -> Tensor:
+        """Keep sentences `keep` (b',) only; returns their rows (b'*K,)."""
+        K = self.scores.shape[1]
+        rows = (keep[:, None] * K + torch.arange(K)).view(-1)  # (b'*K,)
+        self.ids, self.limit, self.max_lp = self.ids[keep], self.limit[keep], self.max_lp[keep]
+        self.scores, self.row_limit = self.scores[keep], self.row_limit[rows]
+        self.seqs, self.lps = self.seqs[rows], self.lps[rows]
+        return rows
+
+
 def _beam(model, src: Tensor, K: int, alpha: float, limit: Tensor, min_len: int,
           use_cache: bool) -> list[Hypothesis]:
-    B = src.shape[0]
     steps = int(limit.max()) + 1
     memory, src_mask = model.encode(src)  # memory (B, S, C), one row per sentence
-    seqs = src.new_full((B * K, steps + 1), PAD_ID)  # (B*K, 1 + steps), a sentence's beams adjacent
-    seqs[:, 0] = BOS_ID
-    lps = torch.zeros(B * K, steps)
-    scores = torch.full((B, K), NEG_INF)
-    scores[:, 0] = 0.0  # all beams start equal: keep one so the first step has K distinct
-    ids = torch.arange(B)
-    finished = _Finished(B, steps, alpha)
-    cache = model.make_cache(B * K, steps) if use_cache else None
-    row_limit = limit.repeat_interleave(K)
-    max_lp = length_penalty(limit + 1, alpha)  # (b,) the largest penalty a beam can reach
-    base = torch.arange(B)[:, None] * K  # (b, 1) first row of each sentence
+    beams, finished = _Beams(src, limit, steps, alpha), _Finished(src.shape[0], steps, alpha)
+    cache = model.make_cache(src.shape[0], steps) if use_cache else None  # grows to B*K
     for step in range(steps):
-        logits, lse = _next_logits(model, seqs, step, memory, src_mask, cache, min_len,
-                                   row_limit)
-        top, beam, tok = _beam_candidates(logits, lse, scores)
-        finished.add(ids, step, top[:, :K], beam[:, :K] + base, tok[:, :K] == EOS_ID,
-                     seqs, lps, logits[:, EOS_ID] - lse)
-        new_scores, beam, tok = _live(top, beam, tok, K)
+        logits, lse = _next_logits(model, beams.seqs, step, memory, src_mask, cache, min_len,
+                                   beams.row_limit)
+        top, beam, tok = _beam_candidates(logits, lse, beams.scores, K)
+        base = beams.base
+        finished.add(beams.ids, step, top[:, :K], beam[:, :K] + base, tok[:, :K] == EOS_ID,
+                     beams.seqs, beams.lps, logits[:, EOS_ID] - lse)
+        scores, beam, tok = _live(top, beam, tok, K)
         rows = (beam + base).view(-1)  # (b*K,) old row of each new beam
-        seqs, lps = seqs[rows], lps[rows]
-        seqs[:, step + 1] = tok.view(-1)
-        lps[:, step] = (new_scores - scores.gather(1, beam)).view(-1)  # the token's log-prob
-        scores = new_scores
-        done = _done(finished, ids, scores[:, 0], step, limit, max_lp, K)
+        beams.advance(step, scores, rows, tok.view(-1))
+        done = _done(finished, beams.ids, scores[:, 0], step, beams.limit, beams.max_lp, K)
         n_done = int(done.sum())
-        if n_done == len(ids):
+        if n_done == len(done):
             break
-        if n_done:
-            keep = (~done).nonzero()[:, 0]
-            keep_rows = (keep[:, None] * K + torch.arange(K)).view(-1)  # (b'*K,)
-            ids, limit, scores, max_lp = ids[keep], limit[keep], scores[keep], max_lp[keep]
-            base = base[: len(keep)]
-            memory, src_mask, row_limit = memory[keep], src_mask[keep], row_limit[keep_rows]
-            seqs, lps = seqs[keep_rows], lps[keep_rows]
-            _select(cache, rows[keep_rows], keep)
-        else:
-            _select(cache, rows)
-    return [finished.hypothesis(i) for i in range(B)]
+        keep = (~done).nonzero()[:, 0] if n_done else None
+        if keep is not None:
+            memory, src_mask = memory[keep], src_mask[keep]
+            rows = rows[beams.keep(keep)]
+        _select(cache, rows, keep)
+    return [finished.hypothesis(i) for i in range(src.shape[0])]
 
 
 def beam_search(model: EncoderDecoder, src: Tensor, *, beam: int = 4, alpha: float = 0.6,
