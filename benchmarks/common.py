@@ -26,9 +26,14 @@ DOCS = ROOT / "docs" / "benchmarks"
 
 @dataclass
 class Stats:
-    """Seconds per call over the measured repeats (warm-up excluded)."""
+    """Seconds per call over the measured repeats (warm-up excluded).
+
+    times are wall-clock; cpu_times the process's CPU seconds over the same calls, which
+    preemption by other processes does not inflate (with one thread, the work done).
+    """
 
     times: list[float] = field(default_factory=list)
+    cpu_times: list[float] = field(default_factory=list)
 
     @property
     def median(self) -> float:
@@ -46,8 +51,13 @@ class Stats:
         """(median, min, max) times `factor`, e.g. 1e3 / tokens for ms per token."""
         return self.median * factor, self.min * factor, self.max * factor
 
+    @property
+    def cpu_median(self) -> float:
+        return statistics.median(self.cpu_times) if self.cpu_times else float("nan")
+
     def to_dict(self) -> dict:
-        return {"median": self.median, "min": self.min, "max": self.max, "times": self.times}
+        return {"median": self.median, "min": self.min, "max": self.max, "times": self.times,
+                "cpu_times": self.cpu_times}
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -70,7 +80,9 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int = 5,
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            cpu = time.process_time()
             out[name].times.append(timed(fns[name]))
+            out[name].cpu_times.append(time.process_time() - cpu)
     return out
 
 
