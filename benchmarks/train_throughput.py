@@ -72,12 +72,6 @@ def train_step_fn(model: nn.Module, src, tgt_in, tgt_out):
     return step
 
 
-def peak_gflops(repeats: int, n: int) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    s = measure({"mm": lambda: a @ b}, repeats=repeats, warmup=1)["mm"]
-    return 2 * n**3 / s.median / 1e9
-
-
 def config(quick: bool) -> ModelConfig:
     if quick:
         return ModelConfig(vocab_size=256, d_model=32, n_heads=4, n_layers=1, d_ff=64,
@@ -101,8 +95,10 @@ def main() -> None:
         models[f"qkv EncoderDecoder, dropout {p}"] = EncoderDecoder(c)
         models[f"torch.nn.Transformer, dropout {p}"] = TorchTransformer(c)
     fns = {k: train_step_fn(m, src, tgt[:, :-1], tgt[:, 1:]) for k, m in models.items()}
-    stats = measure(fns, repeats=repeats, warmup=2)
-    peak = peak_gflops(3, 256 if args.quick else 2048)
+    n = 256 if args.quick else 2048
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    stats = measure({**fns, "peak": lambda: a @ b}, repeats=repeats, warmup=2)
+    peak = 2 * n**3 / stats.pop("peak").median / 1e9
     flops = training_step(cfg, B, S, T)
     rows, data = [], {}
     for name, s in stats.items():
@@ -122,10 +118,11 @@ def main() -> None:
         f"{cfg.n_decoder_layers} layers, d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; batch {B} "
         f"pairs of {S} source and {T} target tokens, float32. Median (min-max) of {repeats} "
         f"steps after 2 warm-up steps, the four runs interleaved. Matmul FLOPs per step "
-        f"{flops / 1e9:.1f} G (3x forward); peak = float32 2048^3 matmul measured in this "
-        f"run, {fmt(peak)} GFLOP/s. nn.Transformer's `dropout` also drops attention weights "
-        "and the feed-forward's hidden units (qkv, as the paper, drops only sublayer outputs "
-        "and embeddings), so the dropout-0 rows compare identical computations.",
+        f"{flops / 1e9:.1f} G (3x forward); peak = a float32 {n}^3 matmul interleaved with "
+        f"the steps, median {fmt(peak)} GFLOP/s. nn.Transformer's `dropout` also drops "
+        "attention weights and the feed-forward's hidden units (qkv, as the paper, drops "
+        "only sublayer outputs and embeddings), so the dropout-0 rows compare identical "
+        "computations.",
         table(["model", "parameters", "ms/step", "target tokens/s", "GFLOP/s", "of peak"],
               rows),
         "qkv / nn.Transformer tokens/s: " + ", ".join(
