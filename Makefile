@@ -30,9 +30,12 @@ demo: setup
 	$(VENV)/bin/qkv demo
 
 # BENCH_ARGS e.g. "--threads 1" when other jobs share the cores; "--quick" for a smoke run.
+# Results go to BENCH_OUT (default runs/bench, not tracked), so a rerun never overwrites the
+# recorded runs and their written findings in docs/benchmarks; compare, then copy what holds.
+BENCH_OUT ?= runs/bench
 bench: setup
-	$(PY) benchmarks/attention.py --threads 1 $(BENCH_ARGS)
-	$(VENV)/bin/qkv bench all $(BENCH_ARGS)
+	$(PY) benchmarks/attention.py --threads 1 --out $(BENCH_OUT) $(BENCH_ARGS)
+	$(VENV)/bin/qkv bench all --out $(BENCH_OUT) $(BENCH_ARGS)
 
 lint: setup
 	$(PY) -m ruff check src tests benchmarks
