@@ -68,7 +68,8 @@ def test_smollm2_logits_match_hf(smollm2, hf_llama):
 @needs_smollm2
 def test_smollm2_greedy_generation_matches_hf(smollm2, hf_llama):
     prompts = [smollm2.encode(t) for t in PROMPTS[:2]]
-    ours = generate(smollm2.model, prompts, 20)  # one left-padded batch
+    # one left-padded batch; like HF's min_new_tokens, EOS is forbidden for 20 tokens
+    ours = generate(smollm2.model, prompts, 20, eos_id=smollm2.eos_id, min_new_tokens=20)
     for prompt, row in zip(prompts, ours, strict=True):
         x = torch.tensor([prompt])
         with torch.inference_mode():
