@@ -176,7 +176,8 @@ class KVCache:
     Self-attention K/V: (n_layers, B, G, max_seq_len, D) buffers filled left to right.
     Cross-attention K/V: computed once per source by the first decoding step and reused;
     their batch is the number of sources, so the beams of one sentence share them and
-    `reorder` (which must keep each beam within its sentence) never touches them.
+    `reorder` (which must keep each beam within its sentence) copies none of them; it only
+    selects among them when finished sentences leave the batch (`sources`).
     """
 
     def __init__(
