@@ -138,8 +138,15 @@ def context_line(info: dict, command: str) -> str:
     )
 
 
-def parser(description: str) -> argparse.ArgumentParser:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def parser(description: str, *, dtype: bool = False) -> argparse.ArgumentParser:
+    """The common options; `dtype=True` adds --dtype (weights, activations and KV cache)."""
     p = argparse.ArgumentParser(description=description)
+    if dtype:
+        p.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                       help="dtype of the models on every side (default float32)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks it runs end to end")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

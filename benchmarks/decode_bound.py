@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from common import (
+    DTYPES,
     command_line,
     context_line,
     figure,
@@ -73,7 +74,8 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
     rows = []
     for g, s in stats.items():
         cfg = models[g].cfg
-        kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, g, cfg.head_dim)
+        kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, g, cfg.head_dim,
+                                         caches[g].k.dtype)
         moved = weight_bytes(models[g]) + batch * (context + steps / 2) * kv_tok
         rows.append(dict(n_kv_heads=g, batch=batch, context=context,
                          step_ms=s.scaled(1e3 / steps), bandwidth_gbs=bw,
@@ -103,7 +105,7 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def markdown(rows, info, steps, repeats, layers, head_dim) -> str:
+def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
     body = [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["step_ms"]),
              fmt(r["bandwidth_gbs"][0]), fmt(r["bound_ms"]), fmt(r["step_ms"][0] / r["bound_ms"]),
              fmt(r["batch"] / r["step_ms"][0] * 1e3), fmt(r["vs_mha"])] for r in rows]
@@ -116,18 +118,19 @@ def markdown(rows, info, steps, repeats, layers, head_dim) -> str:
         "of a 512 MiB float32 tensor, read once) run interleaved; bound = (weight bytes + "
         "KV bytes read per step) / the probe's median GB/s from the same interleaved run. "
         f"Each figure: {steps} decode steps per call, median (min-max) of {repeats} after "
-        f"one warm-up; float32; {rows[0]['params']:,} parameters "
+        f"one warm-up; {dtype} weights and KV cache; {rows[0]['params']:,} parameters "
         f"({rows[0]['weight_bytes'] / 1e6:,.0f} MB of weights with {rows[0]['n_kv_heads']} kv "
         f"heads).",
         table(["kv heads", "batch", "context", "ms/step", "probe GB/s", "bound ms",
                "step/bound", "tokens/s", "speed-up vs MHA"], body),
-        f"KV-cache bytes per token per sequence (float32, {layers} layers, head_dim {head_dim}):",
+        f"KV-cache bytes per token per sequence ({dtype}, {layers} layers, "
+        f"head_dim {head_dim}):",
         table(["kv heads", "bytes/token", "vs MHA"], kv_rows),
     ])
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__.splitlines()[0], dtype=True).parse_args()
     out = setup(args)
     info = machine_info()
     base = QUICK if args.quick else SMOLLM2
@@ -135,16 +138,19 @@ def main() -> None:
     steps, repeats = (2, 2) if args.quick else (2, args.repeats or 3)
     probe = torch.rand((8 if args.quick else 512) * 2**20 // 4)
     heads = [base["n_heads"], base["n_kv_heads"], 1]
-    models = {g: DecoderLM(ModelConfig(**{**base, "n_kv_heads": g})).eval() for g in heads}
+    dtype = DTYPES[args.dtype]
+    models = {g: DecoderLM(ModelConfig(**{**base, "n_kv_heads": g})).eval().to(dtype)
+              for g in heads}
     rows = []
     for batch in batches:
         for context in contexts:
             rows += bench_point(models, batch, context, steps, repeats, probe)
-    plot(rows, out / "decode_bound.png")
+    name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
+    plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg
-    md = markdown(rows, info, steps, repeats, base["n_layers"], cfg.head_dim)
-    md += "\n\n![decode step time vs the bandwidth bound](decode_bound.png)"
-    write(out, "decode_bound", md, {"machine": info, "rows": rows})
+    md = markdown(rows, info, steps, repeats, base["n_layers"], cfg.head_dim, args.dtype)
+    md += f"\n\n![decode step time vs the bandwidth bound]({name}.png)"
+    write(out, name, md, {"machine": info, "dtype": args.dtype, "rows": rows})
 
 
 if __name__ == "__main__":

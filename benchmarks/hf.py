@@ -1,4 +1,4 @@
-"""qkv vs Hugging Face transformers on the same weights and dtype (float32).
+"""qkv vs Hugging Face transformers on the same weights and dtype (float32, or --dtype).
 
 1. SmolLM2-135M's shape as `LlamaForCausalLM` (random weights, seed 0) copied into a qkv
    `DecoderLM`; logits are checked equal first. Greedy generation of 128 new tokens after
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 from common import (
+    DTYPES,
     command_line,
     context_line,
     fmt,
@@ -173,6 +174,7 @@ def lm_section(args, repeats: int) -> tuple[list, dict]:
     torch.manual_seed(0)
     hf = LlamaForCausalLM(llama_config(cfg)).eval()
     ours = llama_to_qkv(hf, cfg)
+    hf, ours = hf.to(DTYPES[args.dtype]), ours.to(DTYPES[args.dtype])
     probe = torch.randint(4, cfg["vocab_size"], (2, 16))
     diff = max_logit_diff_lm(hf, ours, probe)
     rows, data = [], {"logit_max_abs_diff": diff}
@@ -200,6 +202,7 @@ def mt_section(args, repeats: int) -> tuple[list, dict]:
     torch.manual_seed(0)
     hf = MarianMTModel(marian_config(cfg)).eval()
     ours = marian_to_qkv(hf, cfg)
+    hf, ours = hf.to(DTYPES[args.dtype]), ours.to(DTYPES[args.dtype])
     src = torch.randint(4, cfg.vocab_size, (B, S))
     tgt = torch.cat([torch.full((B, 1), 2), torch.randint(4, cfg.vocab_size, (B, 9))], 1)
     diff = max_logit_diff_mt(hf, ours, src, tgt)
@@ -216,7 +219,7 @@ def mt_section(args, repeats: int) -> tuple[list, dict]:
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parser(__doc__.splitlines()[0], dtype=True).parse_args()
     out = setup(args)
     info = machine_info()
     import transformers
@@ -227,8 +230,8 @@ def main() -> None:
     md = "\n\n".join([
         "### qkv vs Hugging Face transformers",
         context_line(info, command_line()) + f"; transformers {transformers.__version__}.",
-        "Same weights and dtype (float32) on both sides, copied from a randomly initialised "
-        "Hugging Face model; max abs logit difference before timing: LM "
+        f"Same weights and dtype ({args.dtype}) on both sides, copied from a randomly "
+        "initialised Hugging Face model; max abs logit difference before timing: LM "
         f"{lm_data['logit_max_abs_diff']:.1e}, MT {mt_data['logit_max_abs_diff']:.1e}. "
         "LM: SmolLM2-135M shape (30 layers, d_model 576, 9 heads, 3 kv heads), prompt 128, "
         "128 new tokens, greedy, KV cache (HF's default dynamic cache). MT: the Table 2 "
@@ -241,7 +244,9 @@ def main() -> None:
         table(["task", "library", "wall s", "CPU s", "new tokens/s (wall)",
                "qkv speed-up (wall)", "qkv speed-up (CPU)"], lm_rows + mt_rows),
     ])
-    write(out, "hf", md, {"machine": info, "transformers": transformers.__version__,
+    name = "hf" if args.dtype == "float32" else f"hf_{args.dtype}"
+    write(out, name, md, {"machine": info, "dtype": args.dtype,
+                          "transformers": transformers.__version__,
                           "lm": lm_data, "mt": mt_data})
 
 

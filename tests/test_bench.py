@@ -36,6 +36,19 @@ def test_decode_quick_rows_and_plot(tmp_path):
     assert (tmp_path / "decode_bound.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_decode_bfloat16_halves_the_bytes(tmp_path):
+    assert main(["bench", "decode", "--quick", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "decode_bound_bfloat16.md").read_text()
+    assert "bfloat16 weights and KV cache" in md
+    data = json.loads((tmp_path / "decode_bound_bfloat16.json").read_text())
+    assert data["dtype"] == "bfloat16"
+    assert main(["bench", "decode", "--quick", "--out", str(tmp_path)]) == 0
+    fp32 = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
+    for r16, r32 in zip(data["rows"], fp32, strict=True):
+        assert r16["kv_bytes_per_token"] * 2 == r32["kv_bytes_per_token"]
+        assert r16["weight_bytes"] * 2 == r32["weight_bytes"]
+
+
 def test_equal_size_variants_match_parameter_count():
     sys.path.insert(0, str(BENCH))
     try:
@@ -55,6 +68,8 @@ def test_bench_errors(tmp_path, monkeypatch, capsys):
     assert "invalid choice: 'nosuch'" in capsys.readouterr().err
     assert main(["bench", "machine", "--repeats", "0"]) == 2
     assert "--repeats 0 must be >= 1" in capsys.readouterr().err
+    assert main(["bench", "machine", "--dtype", "bfloat16"]) == 2
+    assert "--dtype bfloat16 applies to decode and hf only, not machine" in capsys.readouterr().err
     monkeypatch.setenv("QKV_BENCHMARKS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="benchmark scripts not found"):
         benchmarks_dir()

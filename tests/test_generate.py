@@ -226,6 +226,22 @@ def test_generate_command_streams_the_greedy_text(lm_dir, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+def test_generate_command_bfloat16_decodes_the_bfloat16_model(lm_dir, capsys, monkeypatch):
+    import qkv.generate as G
+
+    seen, real = [], G.generate
+    monkeypatch.setattr(G, "generate", lambda model, *a, **k: (
+        seen.append(next(model.parameters()).dtype), real(model, *a, **k))[1])
+    argv = ["generate", "--model", str(lm_dir), "hello", "--max-new-tokens", "6"]
+    assert main([*argv, "--dtype", "bfloat16"]) == 0
+    assert seen == [torch.bfloat16]
+    p = P.load_pretrained(lm_dir)
+    model = p.model.to(torch.bfloat16)
+    assert model.make_cache(1, 8).k.dtype == torch.bfloat16
+    expected = p.decode(generate(model, [p.encode("hello")], 6, eos_id=0)[0])
+    assert capsys.readouterr().out == expected + "\n"
+
+
 def test_generate_command_errors(lm_dir, tmp_path, capsys):
     assert main(["generate", "--model", str(lm_dir), "hi", "--temperature", "-2"]) == 2
     assert "temperature=-2.0 must be >= 0" in capsys.readouterr().err

@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, str] = {
     "hf": "hf.py",
     "train": "train_throughput.py",
 }
+WITH_DTYPE = {"decode", "hf"}  # the benchmarks that take --dtype
 
 
 def benchmarks_dir() -> Path:
@@ -32,8 +33,10 @@ def benchmarks_dir() -> Path:
     return path
 
 
-def script_args(args) -> list[str]:
+def script_args(args, name: str) -> list[str]:
     extra = ["--quick"] if args.quick else []
+    if args.dtype != "float32" and name in WITH_DTYPE:
+        extra += ["--dtype", args.dtype]
     for flag in ("repeats", "threads"):
         value = getattr(args, flag)
         if value is not None:
@@ -52,6 +55,8 @@ def add_bench_arguments(parser) -> None:
                         help="tiny sizes: checks that everything runs end to end")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="model dtype for decode and hf (the others run float32)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 
@@ -59,10 +64,13 @@ def add_bench_arguments(parser) -> None:
 def run_bench(args) -> int:
     folder = benchmarks_dir()
     names = list(BENCHMARKS) if args.which == "all" else [args.which]
-    extra = script_args(args)
+    if args.dtype != "float32" and not WITH_DTYPE & set(names):
+        raise ValueError(f"--dtype {args.dtype} applies to {' and '.join(sorted(WITH_DTYPE))} "
+                         f"only, not {args.which}")
     failed = []
     for name in names:
         print(f"== qkv bench {name}", flush=True)
+        extra = script_args(args, name)
         done = subprocess.run([sys.executable, str(folder / BENCHMARKS[name]), *extra],
                               cwd=folder.parent)
         if done.returncode:

@@ -261,11 +261,18 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--chat", action="store_true",
                         help="wrap the prompt in the model's chat template")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
+                        help="weights and KV cache; bfloat16 halves the bytes read per token "
+                             "and uses the CPU's bf16 matmul units (faster for batches)")
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def run_generate(args: argparse.Namespace) -> int:
     _check_sampling(args.temperature, args.top_k, args.top_p)
     p = load_lm(args.model)
+    p.model.to(DTYPES[args.dtype])
     text = p.chat_prompt(args.prompt) if args.chat else args.prompt
     streamer = TextStream(p.tokenizer)
 
