@@ -64,8 +64,11 @@ def test_read_lines(tmp_path):
     plain.write_text("one\ntwo\n\nfour\n", encoding="utf-8")
     packed.write_bytes(gzip.compress(plain.read_bytes()))
     assert read_lines(plain) == read_lines(packed) == ["one", "two", "", "four"]
+    odd = tmp_path / "odd.txt"  # only "\n" ends a line: U+2028, U+0085, \x1c stay inside it
+    odd.write_text("a\u2028b\n\u0085c\x1cd\n", encoding="utf-8")
+    assert read_lines(odd) == ["a\u2028b", "\u0085c\x1cd"]
     bad.write_bytes(b"fine\nalso fine\n\xff broken\n")
-    with pytest.raises(ValueError, match=r"bad.txt: line 3 is not valid UTF-8"):
+    with pytest.raises(ValueError, match=r"bad.txt:3: invalid UTF-8"):
         read_lines(bad)
     with pytest.raises(FileNotFoundError, match="missing.txt: no such file"):
         read_lines(tmp_path / "missing.txt")

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import gzip
 import json
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from .data import read_lines  # noqa: F401  (also part of this module's API)
 from .translate import (
     add_decoding_arguments,
     check_decoding_arguments,
@@ -38,22 +37,6 @@ def bleu(hyps: Sequence[str], refs: Sequence[str], *, lowercase: bool = False) -
         "chrf": c.score, "chrf_signature": c_sig, "chrf_line": c.format(signature=c_sig),
         "sentences": len(hyps),
     }
-
-
-def read_lines(path: str | os.PathLike) -> list[str]:
-    """Lines of a UTF-8 text file (.gz read as gzip), without line ends."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}: line {line} is not valid UTF-8") from None
-    return text.splitlines()
 
 
 # --------------------------------------------------------------------------- CLI
