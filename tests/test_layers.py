@@ -20,6 +20,7 @@ from qkv.layers import (
     make_norm,
     sinusoidal_table,
 )
+from qkv.linear import SKINNY_ROWS, Linear
 
 F64 = dict(rtol=0, atol=1e-10)
 
@@ -169,3 +170,35 @@ def test_dropout_only_in_training():
     assert_close(layer(x), layer(x))
     layer.train()
     assert (layer(x) - layer(x)).abs().amax() > 1e-3
+
+
+# --------------------------------------------------------------------- skinny linear
+
+
+@pytest.mark.parametrize("rows", [1, 4, 8, 16, 48, 64])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_equals_f_linear_at_every_row_count(rows, bias):
+    torch.manual_seed(rows)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(rows, 1, 24)  # a decode step: (B, T=1, C)
+    with torch.inference_mode():
+        y = layer(x)
+    assert y.shape == (rows, 1, 40)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    # 8-48 rows: the reversed product, a transposed view whose rows are not contiguous
+    assert y.is_contiguous() == (rows not in SKINNY_ROWS)
+
+
+def test_linear_trains_like_nn_linear():
+    torch.manual_seed(0)
+    ours, ref = Linear(6, 5), nn.Linear(6, 5)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(16, 6)  # 16 rows, but gradients are on: the plain path
+    ours(x).square().sum().backward()
+    ref(x).square().sum().backward()
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    with torch.no_grad():  # float64 and bfloat16 take the plain path too
+        for dtype in (torch.float64, torch.bfloat16):
+            layer = Linear(6, 5).to(dtype)
+            assert layer(x.to(dtype)).is_contiguous()

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .linear import Linear
+
 # --------------------------------------------------------------------------- masks
 
 
@@ -305,10 +307,10 @@ class MultiHeadAttention(nn.Module):
         self.head_dim = d_model // n_heads
         self.dropout, self.layer_idx, self.rope = dropout, layer_idx, rope
         kv_dim = n_kv_heads * self.head_dim
-        self.q_proj = nn.Linear(d_model, d_model, bias=bias)
-        self.k_proj = nn.Linear(d_model, kv_dim, bias=bias)
-        self.v_proj = nn.Linear(d_model, kv_dim, bias=bias)
-        self.out_proj = nn.Linear(d_model, d_model, bias=bias)
+        self.q_proj = Linear(d_model, d_model, bias=bias)
+        self.k_proj = Linear(d_model, kv_dim, bias=bias)
+        self.v_proj = Linear(d_model, kv_dim, bias=bias)
+        self.out_proj = Linear(d_model, d_model, bias=bias)
         self.recorder: list | None = None  # set by `record_attention`
 
     def _split_heads(self, x: Tensor, n: int) -> Tensor:

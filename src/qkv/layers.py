@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .attention import KVCache, MultiHeadAttention
 from .config import ModelConfig
+from .linear import Linear
 
 # ----------------------------------------------------------------------- positions
 
@@ -97,10 +98,10 @@ class FeedForward(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.activation = cfg.activation
-        self.fc1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
+        self.fc1 = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias)
         swiglu = cfg.activation == "swiglu"
-        self.gate = nn.Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if swiglu else None
-        self.fc2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.gate = Linear(cfg.d_model, cfg.d_ff, bias=cfg.bias) if swiglu else None
+        self.fc2 = Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import KVCache, padding_mask
 from .config import ModelConfig
 from .layers import DecoderLayer, Embeddings, EncoderLayer, RotaryEmbedding, make_norm
+from .linear import Linear, linear
 
 
 def _rope(cfg: ModelConfig) -> RotaryEmbedding | None:
@@ -89,14 +89,14 @@ class _OutputHead(nn.Module):
 
     def _init_head(self, cfg: ModelConfig, embed: Embeddings) -> None:
         self._embed_for_head = [embed]  # a list: not registered twice as a submodule
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size,
-                                                                bias=False)
+        self.lm_head = None if cfg.tie_embeddings else Linear(cfg.d_model, cfg.vocab_size,
+                                                             bias=False)
 
     def logits(self, h: Tensor) -> Tensor:
         """(B, T, C) -> (B, T, vocab_size)."""
         if self.lm_head is not None:
             return self.lm_head(h)
-        return F.linear(h, self._embed_for_head[0].tok.weight)
+        return linear(h, self._embed_for_head[0].tok.weight)
 
     def make_cache(self, batch_size: int, max_seq_len: int | None = None, *,
                    dtype: torch.dtype | None = None) -> KVCache:

@@ -1,0 +1,71 @@
+"""F.linear vs qkv.linear.linear on a decode step's skinny inputs (few rows), float32.
+
+All 211 weight matrices of SmolLM2-135M (30 layers x q, k, v, o, gate, up, down, plus the
+49152 x 576 output layer; 540 MB, far more than the L3 cache) multiplied by an input of M
+rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear computes
+(W @ x^T)^T for 8 <= M <= 48 and falls back to F.linear elsewhere; this benchmark is
+where that range comes from: it also times the reversed product at every M.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from common import (
+    command_line,
+    context_line,
+    fmt,
+    fmt_stats,
+    machine_info,
+    measure,
+    parser,
+    setup,
+    table,
+    write,
+)
+
+from qkv.linear import SKINNY_ROWS, linear
+
+SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+          (576, 1536)] * 30 + [(49152, 576)]
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    out = setup(args)
+    info = machine_info()
+    shapes = [(n // 16, k // 16) for n, k in SHAPES[:7]] if args.quick else SHAPES
+    rows_list = (1, 16) if args.quick else (1, 4, 8, 16, 32, 48, 64)
+    repeats = args.repeats or (2 if args.quick else 5)
+    ws = [torch.randn(*s) for s in shapes]
+    nbytes = sum(w.numel() * 4 for w in ws)
+    rows, data = [], {}
+    with torch.inference_mode():
+        for M in rows_list:
+            xs = {k: torch.randn(M, k) for k in {s[1] for s in shapes}}
+            fns = {
+                "F.linear": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws],
+                "(W @ x^T)^T": lambda xs=xs: [torch.mm(w, xs[w.shape[1]].T).T for w in ws],
+                "qkv.linear": lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws],
+            }
+            stats = measure(fns, repeats, 1)
+            base = stats["F.linear"].median
+            for name, s in stats.items():
+                rows.append([M, name, fmt_stats(*s.scaled(1e3)), fmt(nbytes / s.median / 1e9),
+                             fmt(base / s.median)])
+            data[M] = {k: s.to_dict() for k, s in stats.items()}
+    md = "\n\n".join([
+        "### Skinny linears: F.linear vs (W @ x^T)^T vs qkv.linear (float32)",
+        context_line(info, command_line()),
+        f"{len(ws)} weight matrices ({nbytes / 1e6:,.0f} MB), each multiplied by an M-row "
+        f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
+        "warm-up, the three interleaved; GB/s = weight bytes / time; speed-up = F.linear "
+        f"time / this time. qkv.linear reverses the product for M in {SKINNY_ROWS.start}-"
+        f"{SKINNY_ROWS.stop - 1}.",
+        table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
+    ])
+    write(out, "skinny_linear", md, {"machine": info, "weight_bytes": nbytes, "stats": data})
+
+
+if __name__ == "__main__":
+    main()
