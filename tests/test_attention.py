@@ -178,6 +178,29 @@ def test_gqa_path_does_not_repeat_kv_heads(monkeypatch):
     assert seen and set(seen) == {2}
 
 
+@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("G", [4, 1])
+def test_decode_step_feeds_sdpa_unit_stride_head_dims(rows, G, monkeypatch):
+    """The fused kernel needs stride 1 in D; with a larger stride SDPA silently takes its
+    math path, which copied the whole KV cache (5x slower at 2,048 tokens). Linear's
+    transposed outputs for 8-48 rows must not leak into it."""
+    strides = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kw):
+        strides.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return sdpa(q, k, v, *args, **kw)
+
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", spy)
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(32, 4, G).eval()
+    cache = KVCache(1, rows, G, 8, 6)
+    with torch.inference_mode():
+        mha(torch.randn(rows, 3, 32), causal=True, cache=cache)  # prefill
+        mha(torch.randn(rows, 1, 32), causal=True, cache=cache)  # one decode step
+    assert strides and set(strides) == {(1, 1, 1)}
+
+
 # ------------------------------------------------------------ empty rows
 
 
