@@ -328,10 +328,10 @@ class MultiHeadAttention(nn.Module):
         v = self._split_heads(self.v_proj(src), self.n_kv_heads)
         return k, v
 
-    def _self_kv(self, x, cache, positions) -> tuple[Tensor, Tensor]:
+    def _self_kv(self, x, cache, rope_tables) -> tuple[Tensor, Tensor]:
         k, v = self._project_kv(x)
         if self.rope is not None:
-            k = self.rope(k, positions)
+            k = self.rope.rotate(k, *rope_tables)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         return k, v
@@ -352,6 +352,7 @@ class MultiHeadAttention(nn.Module):
         causal: bool = False,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
+        rope_tables: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
         """x (B, T, C), context (B', S, C) -> (B, T, C).
 
@@ -359,16 +360,19 @@ class MultiHeadAttention(nn.Module):
         self-attention keys are the cached prefix plus x, so S = cached + T. For
         cross-attention B may be a multiple R of B' (R beams per source, each sharing its
         source's keys); the mask is then (B', 1, 1, S). positions (T,) or (B, T) feed RoPE
-        and default to cached + arange(T).
+        and default to cached + arange(T); rope_tables, RoPE's (cos, sin) for them, save
+        the lookup when a decoder has done it once for all its layers.
         """
         q = self._split_heads(self.q_proj(x), self.n_heads)  # (B, H, T, D)
         if context is None:
             if self.rope is not None:
-                if positions is None:
-                    start = cache.lengths[self.layer_idx] if cache is not None else 0
-                    positions = torch.arange(start, start + x.shape[1], device=x.device)
-                q = self.rope(q, positions)
-            k, v = self._self_kv(x, cache, positions)
+                if rope_tables is None:
+                    if positions is None:
+                        start = cache.lengths[self.layer_idx] if cache is not None else 0
+                        positions = torch.arange(start, start + x.shape[1], device=x.device)
+                    rope_tables = self.rope.tables(positions, q.dtype)
+                q = self.rope.rotate(q, *rope_tables)
+            k, v = self._self_kv(x, cache, rope_tables)
         else:
             k, v = self._cross_kv(context, cache)
         out = self._attend(q, k, v, mask, causal)

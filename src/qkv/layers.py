@@ -42,13 +42,25 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", angles.cos().float(), persistent=False)
         self.register_buffer("sin", angles.sin().float(), persistent=False)
 
-    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
-        """x (B, H, T, D), positions (T,) or (B, T) -> rotated x, same shape."""
-        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)  # (., T, D)
+    def tables(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos, sin for positions (T,) or (B, T): (T, D) or (B, 1, T, D), in `dtype`.
+
+        A decoder looks them up once per forward and hands them to every layer.
+        """
+        cos, sin = self.cos[positions].to(dtype), self.sin[positions].to(dtype)  # (., T, D)
         if positions.dim() == 2:
             cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
+        return cos, sin
+
+    @staticmethod
+    def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """x (B, H, T, D) rotated by the angles whose cos and sin are given."""
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+        return x * cos.to(x.dtype) + torch.cat([-x2, x1], dim=-1) * sin.to(x.dtype)
+
+    def forward(self, x: Tensor, positions: Tensor) -> Tensor:
+        """x (B, H, T, D), positions (T,) or (B, T) -> rotated x, same shape."""
+        return self.rotate(x, *self.tables(positions, x.dtype))
 
 
 class Embeddings(nn.Module):
@@ -127,8 +139,11 @@ class _Block(nn.Module):
 
     def _sublayer(self, x: Tensor, norm: nn.Module, fn) -> Tensor:
         if self.pre:
-            return x + self.drop(fn(norm(x)))
-        return norm(x + self.drop(fn(x)))
+            return x + self._drop(fn(norm(x)))
+        return norm(x + self._drop(fn(x)))
+
+    def _drop(self, x: Tensor) -> Tensor:
+        return self.drop(x) if self.training else x  # no module call per sublayer in eval
 
 
 def _attention(cfg: ModelConfig, layer_idx: int, rope: nn.Module | None) -> MultiHeadAttention:
@@ -174,10 +189,14 @@ class DecoderLayer(_Block):
         mask: Tensor | None = None,
         cache: KVCache | None = None,
         positions: Tensor | None = None,
+        rope_tables: tuple[Tensor, Tensor] | None = None,
     ) -> Tensor:
-        """x (B, T, C), memory (B', S, C) -> (B, T, C). mask: extra self-attention mask."""
+        """x (B, T, C), memory (B', S, C) -> (B, T, C). mask: extra self-attention mask.
+
+        rope_tables: RoPE's (cos, sin) for these positions, when the caller has them."""
         x = self._sublayer(x, self.norm1, lambda h: self.self_attn(
-            h, mask=mask, causal=True, cache=cache, positions=positions))
+            h, mask=mask, causal=True, cache=cache, positions=positions,
+            rope_tables=rope_tables))
         if self.cross_attn is not None:
             x = self._sublayer(x, self.norm2, lambda h: self.cross_attn(
                 h, memory, mask=memory_mask, cache=cache))

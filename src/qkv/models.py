@@ -54,9 +54,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = embed if embed is not None else Embeddings(cfg)
-        rope = _rope(cfg)
+        self.rope = _rope(cfg)  # shared by the layers; no persistent state
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, i, rope, cross) for i in range(cfg.n_decoder_layers)
+            DecoderLayer(cfg, i, self.rope, cross) for i in range(cfg.n_decoder_layers)
         )
         self.norm = make_norm(cfg) if cfg.norm_place == "pre" else None
 
@@ -79,8 +79,10 @@ class Decoder(nn.Module):
             start = cache.length if cache is not None else 0
             positions = _positions(tokens.shape[1], start, self.cfg.max_seq_len, tokens.device)
         x = self.embed(tokens, positions)
+        tables = None if self.rope is None else self.rope.tables(positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, memory, memory_mask, mask=mask, cache=cache, positions=positions)
+            x = layer(x, memory, memory_mask, mask=mask, cache=cache, positions=positions,
+                      rope_tables=tables)
         return x if self.norm is None else self.norm(x)
 
 
