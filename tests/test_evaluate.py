@@ -17,14 +17,7 @@ from qkv.evaluate import bleu, read_lines
 from qkv.tokenizer import to_bytes, train_bpe
 from qkv.translate import translate_lines
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from a second thread, and lose much on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 REFS = ["a man rides a brown horse on the beach .", "two dogs play together in the snow .",
