@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from qkv.generate import DTYPES  # --dtype choices, as in qkv generate
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
 
@@ -136,9 +138,6 @@ def context_line(info: dict, command: str) -> str:
         f"{load_end} at end (other helpers' jobs shared the cores when it is well above 0). "
         f"Command: `{command}`"
     )
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def parser(description: str, *, dtype: bool = False) -> argparse.ArgumentParser:

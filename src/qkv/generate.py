@@ -250,6 +250,9 @@ def load_lm(name_or_path: str):
     return p
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}  # --dtype choices
+
+
 def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", help="text to continue (the user message with --chat)")
     parser.add_argument("--model", default="smollm2-135m",
@@ -264,9 +267,6 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weights and KV cache; bfloat16 halves the bytes read per token "
                              "and uses the CPU's bf16 matmul units (faster for batches)")
-
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def run_generate(args: argparse.Namespace) -> int:
