@@ -16,8 +16,9 @@ from pathlib import Path
 from common import command_line, context_line, machine_info, measure, parser, setup, write
 
 from qkv import EncoderDecoder, count_parameters, preset
+from qkv.search import decode_beam, decode_greedy
 from qkv.tokenizer import encode, train_bpe
-from qkv.translate import decode_beam, decode_greedy, encode_source, pad_batch
+from qkv.translate import encode_source, pad_batch
 
 
 def read(path: Path, n: int | None = None) -> list[str]:

@@ -6,7 +6,7 @@
 2. A `MarianMTModel` of the Table 2 encoder-decoder shape (random weights, sinusoidal
    positions overwritten with qkv's table) copied into a qkv `EncoderDecoder`; logits
    checked equal. Beam search, 4 beams, forced output length: `generate(num_beams=4)` vs
-   `qkv.translate.beam_search`.
+   `qkv.search.beam_search`.
 Both sides end generation only at the forced length (no eos stop), so they do the same work.
 """
 
@@ -32,7 +32,7 @@ from torch import nn
 from qkv import DecoderLM, EncoderDecoder, ModelConfig
 from qkv.generate import generate
 from qkv.layers import sinusoidal_table
-from qkv.translate import beam_search
+from qkv.search import beam_search
 
 # ------------------------------------------------------------------ weight copying
 

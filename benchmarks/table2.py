@@ -26,7 +26,7 @@ from common import (
 from train_throughput import train_step_fn
 
 from qkv import EncoderDecoder, ModelConfig, count_parameters
-from qkv.translate import beam_search, greedy
+from qkv.search import beam_search, greedy
 
 
 def n_params(cfg: ModelConfig) -> int:

@@ -14,18 +14,16 @@ from torch import nn
 import qkv
 from qkv import EncoderDecoder, preset
 from qkv.cli import main
-from qkv.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, to_bytes, train_bpe
-from qkv.translate import (
+from qkv.search import (
     _row_topk,
     beam_search,
     decode_beam,
     decode_greedy,
-    encode_source,
     greedy,
     length_penalty,
-    pad_batch,
-    translate_lines,
 )
+from qkv.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, to_bytes, train_bpe
+from qkv.translate import encode_source, pad_batch, translate_lines
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

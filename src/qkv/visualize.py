@@ -97,8 +97,9 @@ def maps_from_ids(model: nn.Module, src: list[int], tgt: list[int] | None = None
 def _translation_ids(model: EncoderDecoder, tokenizer, text: str,
                      target: str | None) -> tuple[list[int], list[int]]:
     """Source ids (with eos) and the target's output ids (with eos), decoded greedily if None."""
+    from .search import greedy
     from .tokenizer import encode
-    from .translate import encode_source, greedy
+    from .translate import encode_source
 
     src = encode_source(tokenizer, text, model.cfg.max_seq_len)
     if target is None:
