@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from qkv import gguf as G
 from qkv import pretrained as P
 from qkv.config import ModelConfig
 from qkv.generate import generate
@@ -140,9 +141,9 @@ def test_minilm_is_a_bert_classifier():
 # ---------------------------------------------------------- GGUF files written here
 
 
-TOKENS = ["<|endoftext|>", *P._byte_alphabet().values(), "he", "ll", "hell", "Ġw"]
+TOKENS = ["<|endoftext|>", *G._byte_alphabet().values(), "he", "ll", "hell", "Ġw"]
 MERGES = ["h e", "l l", "he ll", "Ġ w"]
-_OURS_TO_GGUF = {v: k for k, v in P._LLAMA_LAYER.items()}
+_OURS_TO_GGUF = {v: k for k, v in G._LLAMA_LAYER.items()}
 
 
 def _tiny_llama(tie: bool = True) -> DecoderLM:
@@ -166,9 +167,9 @@ def _gguf_tensors(model: DecoderLM) -> dict[str, np.ndarray]:
             gname = f"blk.{i}.{_OURS_TO_GGUF[rest]}"
             if rest.endswith(("q_proj.weight", "k_proj.weight")):
                 heads = cfg.n_heads if "q_proj" in rest else cfg.n_kv_heads
-                t = P.permute_rope(t, heads)
+                t = G.permute_rope(t, heads)
         else:
-            gname = {v: k for k, v in P._LLAMA_GLOBAL.items()}[name]
+            gname = {v: k for k, v in G._LLAMA_GLOBAL.items()}[name]
         out[gname] = t.numpy().copy()
     return out
 
@@ -220,8 +221,8 @@ def test_user_gguf_tokenizer_and_facts(tmp_path):
 
 def test_rope_permutation_round_trip():
     w = torch.randn(3 * 8, 5)
-    torch.testing.assert_close(P.unpermute_rope(P.permute_rope(w, 3), 3), w)
-    assert not torch.equal(P.permute_rope(w, 3), w)
+    torch.testing.assert_close(G.unpermute_rope(G.permute_rope(w, 3), 3), w)
+    assert not torch.equal(G.permute_rope(w, 3), w)
 
 
 def test_pretrained_save_load_round_trip(tmp_path):
