@@ -85,3 +85,19 @@ def test_presets():
         preset("huge")
     with pytest.raises(ValueError, match="n_heads=4 is not divisible by n_kv_heads=3"):
         preset("tiny", n_kv_heads=3)
+
+
+def test_replace_keeps_mha_mha_and_mqa_mqa():
+    """Derived defaults follow their source field in replace() only when they matched it."""
+    mha = ModelConfig(n_heads=8, n_layers=6)
+    assert mha.replace(n_heads=16).n_kv_heads == 16  # was MHA: stays MHA
+    assert mha.replace(n_heads=16, n_kv_heads=4).n_kv_heads == 4  # given: used
+    assert mha.replace(n_layers=3).n_decoder_layers == 3
+    assert mha.replace(n_layers=3, n_decoder_layers=2).n_decoder_layers == 2
+    mqa = ModelConfig(n_heads=8, n_kv_heads=1)
+    assert mqa.replace(n_heads=16).n_kv_heads == 1  # MQA stays MQA
+    gqa = ModelConfig(n_heads=8, n_kv_heads=2, n_layers=6, n_decoder_layers=4)
+    assert gqa.replace(n_heads=4).n_kv_heads == 2
+    assert gqa.replace(n_layers=2).n_decoder_layers == 4
+    with pytest.raises(ValueError, match="n_heads=6 is not divisible by n_kv_heads=4"):
+        ModelConfig(n_heads=8, n_kv_heads=4, d_model=48).replace(n_heads=6)

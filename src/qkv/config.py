@@ -99,7 +99,16 @@ class ModelConfig:
         return "MQA" if self.n_kv_heads == 1 else "GQA"
 
     def replace(self, **changes) -> ModelConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again).
+
+        n_kv_heads and n_decoder_layers that equal n_heads and n_layers follow them when
+        those change and they are not given: an MHA config stays MHA, a symmetric one
+        symmetric. Other values are kept as they are (MQA stays 1 kv head).
+        """
+        for derived, source in (("n_kv_heads", "n_heads"), ("n_decoder_layers", "n_layers")):
+            if (source in changes and derived not in changes
+                    and getattr(self, derived) == getattr(self, source)):
+                changes[derived] = None  # resolved again from the new value
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
