@@ -9,18 +9,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from qkv import gguf as G
 from qkv import pretrained as P
 from qkv.cli import main
 from qkv.config import ModelConfig
 from qkv.generate import TextStream, _windows, generate, perplexity, read_fraction, sample
 from qkv.models import DecoderLM, EncoderClassifier
 
-TOKENS = ["<|endoftext|>", *P._byte_alphabet().values(), "he", "ll", "hell", "Ġw"]
+TOKENS = ["<|endoftext|>", *G._byte_alphabet().values(), "he", "ll", "hell", "Ġw"]
 MERGES = ["h e", "l l", "he ll", "Ġ w"]
 
 
 def byte_tokenizer():
-    return P.gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TOKENS,
+    return G.gguf_tokenizer({"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": TOKENS,
                              "tokenizer.ggml.merges": MERGES,
                              "tokenizer.ggml.token_type": [3] + [1] * (len(TOKENS) - 1)})
 
