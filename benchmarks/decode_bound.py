@@ -38,9 +38,7 @@ QUICK = dict(SMOLLM2, vocab_size=512, d_model=64, n_heads=4, n_kv_heads=2, n_lay
 
 def filled_cache(model: DecoderLM, batch: int, context: int, steps: int) -> KVCache:
     cache = model.make_cache(batch, context + steps)
-    cache.k[:, :, :, :context].uniform_(-1, 1)
-    cache.v[:, :, :, :context].uniform_(-1, 1)
-    cache.lengths = [context] * len(cache.lengths)
+    cache.fill_random_(context)
     return cache
 
 

@@ -365,7 +365,7 @@ def test_bytes_per_token_matches_the_buffers():
     for dtype in (torch.float32, torch.bfloat16, torch.float64):
         L, B, G, D, N = 3, 2, 2, 8, 7
         cache = KVCache(L, B, G, D, N, dtype=dtype)
-        measured = (cache.k.nbytes + cache.v.nbytes) // (B * N)
+        measured = cache.nbytes // (B * N)
         itemsize = torch.finfo(dtype).bits // 8
         assert KVCache.bytes_per_token(L, G, D, dtype) == measured == 2 * L * G * D * itemsize
 
@@ -400,27 +400,43 @@ def test_kv_cache_rejects_wrong_shapes():
 
 
 def test_kv_cache_reorder_selects_rows_and_keeps_cross():
-    cache = KVCache(2, 3, 1, 2, max_seq_len=4)
+    L = 3
+    cache = KVCache(L, 3, 1, 2, max_seq_len=4)
+    size = cache.nbytes
     k = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 2).clone()  # row b holds b
-    for layer in range(2):
-        cache.update(layer, k, -k)
+    for layer in range(L):  # layer l holds 10 * l + row: a swap between layers would show
+        cache.update(layer, k + 10 * layer, -k - 10 * layer)
     cross = (torch.randn(1, 1, 5, 2), torch.randn(1, 1, 5, 2))
     cache.cross[0] = cross
     cache.reorder(torch.tensor([2, 2, 0]))
     expected = torch.tensor([2.0, 2.0, 0.0])[:, None, None, None].expand(3, 1, 2, 2)
-    for layer in range(2):
-        assert_close(cache.k[layer, :, :, :2], expected)
-        assert_close(cache.v[layer, :, :, :2], -expected)
+    for layer in range(L):
+        assert_close(cache.k[layer][:, :, :2], expected + 10 * layer)
+        assert_close(cache.v[layer][:, :, :2], -expected - 10 * layer)
     assert cache.length == 2 and cache.cross[0] is cross
     step = torch.tensor([5.0, 6.0, 7.0])[:, None, None, None].expand(3, 1, 1, 2)
-    for layer in range(2):
-        cache.update(layer, step, -step)
+    for layer in range(L):
+        cache.update(layer, step + 10 * layer, -step - 10 * layer)
     cache.reorder(torch.tensor([1, 0, 0]))  # a second reorder: the swapped buffers again
     expected = torch.tensor([[2.0, 2.0, 6.0], [2.0, 2.0, 5.0], [2.0, 2.0, 5.0]])
     expected = expected[:, None, :, None].expand(3, 1, 3, 2)
-    for layer in range(2):
-        assert_close(cache.k[layer, :, :, :3], expected)
-        assert_close(cache.v[layer, :, :, :3], -expected)
+    for layer in range(L):
+        assert_close(cache.k[layer][:, :, :3], expected + 10 * layer)
+        assert_close(cache.v[layer][:, :, :3], -expected - 10 * layer)
+    # reorder holds one spare layer for k and one for v, not a second cache
+    assert cache.nbytes == size * (L + 1) // L
+    assert len({t.data_ptr() for t in cache.k + cache.v + cache._spare}) == 2 * L + 2
+
+
+def test_kv_cache_fill_random():
+    cache = KVCache(2, 1, 1, 2, max_seq_len=4)
+    cache.fill_random_(3)
+    assert cache.length == 3
+    for buf in cache.k + cache.v:
+        assert buf[:, :, :3].abs().max() <= 1 and buf[:, :, :3].abs().sum() > 0
+        assert buf[:, :, 3:].abs().sum() == 0
+    with pytest.raises(ValueError, match=r"fill_random_ n=5 must be in \[0, max_seq_len=4\]"):
+        cache.fill_random_(5)
 
 
 # ---------------------------------------------------- MultiHeadAttention vs torch
@@ -548,8 +564,8 @@ def test_kv_cache_reorder_can_drop_finished_rows():
     cache.reorder(torch.tensor([3, 2]), sources=torch.tensor([1]))
     assert cache.batch_size == 2 and cache.length == 2
     expected = torch.tensor([3.0, 2.0])[:, None, None, None].expand(2, 1, 2, 2)
-    assert_close(cache.k[0, :, :, :2], expected)
-    assert_close(cache.v[0, :, :, :2], -expected)
+    assert_close(cache.k[0][:, :, :2], expected)
+    assert_close(cache.v[0][:, :, :2], -expected)
     assert_close(cache.cross[0][0], cross_k[1:])
     ks, _ = cache.update(0, torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))
     assert_close(ks[:, :, :2], expected)

@@ -175,7 +175,7 @@ def attention_probs(
 class KVCache:
     """Preallocated keys and values for incremental decoding, one slot per layer.
 
-    Self-attention K/V: (n_layers, B, G, max_seq_len, D) buffers filled left to right.
+    Self-attention K/V: per layer, (B, G, max_seq_len, D) buffers filled left to right.
     Cross-attention K/V: computed once per source by the first decoding step and reused;
     their batch is the number of sources, so the beams of one sentence share them and
     `reorder` (which must keep each beam within its sentence) copies none of them; it only
@@ -198,12 +198,12 @@ class KVCache:
                           ("max_seq_len", max_seq_len)]:
             if val < 1:
                 raise ValueError(f"KVCache {name}={val} must be >= 1")
-        shape = (n_layers, batch_size, n_kv_heads, max_seq_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
         self.lengths = [0] * n_layers
         self.cross: list[tuple[Tensor, Tensor] | None] = [None] * n_layers
-        self._spare: tuple[Tensor, Tensor] | None = None  # reorder's second k, v buffers
+        self._spare: list[Tensor] | None = None  # reorder's one-layer k and v buffers
 
     @property
     def length(self) -> int:
@@ -212,11 +212,17 @@ class KVCache:
 
     @property
     def max_seq_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.k[0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held for self-attention K/V, including reorder's spare layer."""
+        spare = self._spare or []
+        return sum(t.nbytes for t in self.k + self.v + spare)
 
     @staticmethod
     def bytes_per_token(n_layers: int, n_kv_heads: int, head_dim: int,
@@ -225,6 +231,14 @@ class KVCache:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * n_layers * n_kv_heads * head_dim * itemsize
 
+    def fill_random_(self, n: int) -> None:
+        """Pretend `n` tokens are stored (uniform random K/V): for timing decode steps."""
+        if not 0 <= n <= self.max_seq_len:
+            raise ValueError(f"fill_random_ n={n} must be in [0, max_seq_len={self.max_seq_len}]")
+        for buf in self.k + self.v:
+            buf[:, :, :n].uniform_(-1, 1)  # uniform_: much cheaper than normal_
+        self.lengths = [n] * len(self.lengths)
+
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Append k, v (B, G, T, D) to `layer`; return all its keys and values (B, G, S, D)."""
         start, T = self.lengths[layer], k.shape[2]
@@ -232,15 +246,16 @@ class KVCache:
             raise ValueError(
                 f"KVCache is full: {start} + {T} tokens exceed max_seq_len={self.max_seq_len}"
             )
-        if k.shape[:2] != self.k.shape[1:3] or k.shape[3] != self.k.shape[4]:
+        K, V = self.k[layer], self.v[layer]
+        if k.shape[:2] != K.shape[:2] or k.shape[3] != K.shape[3]:
             raise ValueError(
                 f"k {tuple(k.shape)} does not fit the cache's (B, G, ., D) = "
-                f"{(self.k.shape[1], self.k.shape[2], '.', self.k.shape[4])}"
+                f"{(K.shape[0], K.shape[1], '.', K.shape[3])}"
             )
-        self.k[layer, :, :, start : start + T] = k
-        self.v[layer, :, :, start : start + T] = v
+        K[:, :, start : start + T] = k
+        V[:, :, start : start + T] = v
         self.lengths[layer] = start + T
-        return self.k[layer, :, :, : start + T], self.v[layer, :, :, : start + T]
+        return K[:, :, : start + T], V[:, :, : start + T]
 
     def reorder(self, indices: Tensor, sources: Tensor | None = None) -> None:
         """Select batch rows (beam search): row b becomes old row indices[b].
@@ -249,18 +264,14 @@ class KVCache:
         (the memory rows that stay) also selects the cross-attention K/V.
         """
         if len(indices) != self.batch_size:  # rows dropped: new, smaller buffers
-            self.k, self.v = self.k.index_select(1, indices), self.v.index_select(1, indices)
+            self.k = [buf.index_select(0, indices) for buf in self.k]
+            self.v = [buf.index_select(0, indices) for buf in self.v]
             self._spare = None
-        else:  # gather the filled prefix into spare buffers and swap: one copy, no alloc
+        else:  # one copy per layer through a spare layer, no allocation after the first
             if self._spare is None:
-                self._spare = (torch.empty_like(self.k), torch.empty_like(self.v))
-            n = self.length
-            for buf, out in zip((self.k, self.v), self._spare, strict=True):
-                if buf.requires_grad:  # out= does not record autograd
-                    out[:, :, :, :n] = buf[:, indices, :, :n]
-                else:
-                    torch.index_select(buf[:, :, :, :n], 1, indices, out=out[:, :, :, :n])
-            (self.k, self.v), self._spare = self._spare, (self.k, self.v)
+                self._spare = [torch.empty_like(self.k[0]), torch.empty_like(self.v[0])]
+            for i, bufs in enumerate((self.k, self.v)):
+                self._spare[i] = _gather_rows(bufs, indices, self.length, self._spare[i])
         if sources is not None:
             self.cross = [None if kv is None else (kv[0][sources], kv[1][sources])
                           for kv in self.cross]
@@ -269,6 +280,19 @@ class KVCache:
         """Forget every stored token and the cross-attention K/V; keep the buffers."""
         self.lengths = [0] * len(self.lengths)
         self.cross = [None] * len(self.cross)
+
+
+def _gather_rows(bufs: list[Tensor], indices: Tensor, n: int, spare: Tensor) -> Tensor:
+    """Select rows of each layer's first n positions into `spare` and swap the two: the
+    gathered layer takes the buffer's place, the old buffer becomes the spare for the next
+    layer. One layer of extra memory instead of a second cache. Returns the last spare."""
+    for layer, buf in enumerate(bufs):
+        if buf.requires_grad:  # out= does not record autograd
+            spare[:, :, :n] = buf[indices, :, :n]
+        else:
+            torch.index_select(buf[:, :, :n], 0, indices, out=spare[:, :, :n])
+        bufs[layer], spare = spare, buf
+    return spare
 
 
 # --------------------------------------------------------------- MultiHeadAttention

@@ -57,9 +57,7 @@ def decode_speed(model: DecoderLM, context: int, steps: int = 16, batch: int = 1
         raise ValueError(f"context {context} + {warmup + steps} timed steps exceed "
                          f"max_seq_len={cfg.max_seq_len}")
     cache = model.make_cache(batch, context + warmup + steps)
-    cache.k[:, :, :, :context].uniform_(-1, 1)  # uniform_: much cheaper than normal_
-    cache.v[:, :, :, :context].uniform_(-1, 1)
-    cache.lengths = [context] * cfg.n_decoder_layers
+    cache.fill_random_(context)
     x = torch.randint(0, cfg.vocab_size, (batch, 1))
     with torch.inference_mode():
         for i in range(warmup + steps):
