@@ -73,7 +73,7 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
     for g, s in stats.items():
         cfg = models[g].cfg
         kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, g, cfg.head_dim,
-                                         caches[g].k.dtype)
+                                         caches[g].dtype)
         moved = weight_bytes(models[g]) + batch * (context + steps / 2) * kv_tok
         rows.append(dict(n_kv_heads=g, batch=batch, context=context,
                          step_ms=s.scaled(1e3 / steps), bandwidth_gbs=bw,

@@ -238,7 +238,7 @@ def test_generate_command_bfloat16_decodes_the_bfloat16_model(lm_dir, capsys, mo
     assert seen == [torch.bfloat16]
     p = P.load_pretrained(lm_dir)
     model = p.model.to(torch.bfloat16)
-    assert model.make_cache(1, 8).k.dtype == torch.bfloat16
+    assert model.make_cache(1, 8).dtype == torch.bfloat16
     expected = p.decode(generate(model, [p.encode("hello")], 6, eos_id=0)[0])
     assert capsys.readouterr().out == expected + "\n"
 

@@ -219,6 +219,10 @@ class KVCache:
         return self.k[0].shape[0]
 
     @property
+    def dtype(self) -> torch.dtype:
+        return self.k[0].dtype
+
+    @property
     def nbytes(self) -> int:
         """Bytes held for self-attention K/V, including reorder's spare layer."""
         spare = self._spare or []

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from .generate import DTYPES  # --dtype choices, as in qkv generate
+
 # name -> script in benchmarks/
 BENCHMARKS: dict[str, str] = {
     "machine": "machine.py",
@@ -55,7 +57,7 @@ def add_bench_arguments(parser) -> None:
                         help="tiny sizes: checks that everything runs end to end")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+    parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="model dtype for decode and hf (the others run float32)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
