@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qkv.generate import DTYPES  # --dtype choices, as in qkv generate
+from qkv.linear import warn_if_slow_bf16
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs" / "benchmarks"
@@ -158,6 +159,8 @@ def setup(args: argparse.Namespace) -> Path:
     """Apply --threads, fix the seed, and return the output directory."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    if getattr(args, "dtype", None) == "bfloat16":
+        warn_if_slow_bf16("--dtype bfloat16")
     torch.manual_seed(0)
     out = args.out or DOCS
     out.mkdir(parents=True, exist_ok=True)

@@ -227,6 +227,26 @@ def test_generate_command_streams_the_greedy_text(lm_dir, capsys):
     assert capsys.readouterr().out == expected + "\n"
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_bfloat16_warns_only_on_a_cpu_without_bf16_units(lm_dir, native, monkeypatch):
+    """On an AVX2-only CPU a bf16 matmul ran ~35x slower than float32: say so, once."""
+    import warnings
+
+    import qkv.linear as QL
+
+    monkeypatch.setattr(QL, "bf16_is_native", lambda: native)
+    argv = ["generate", "--model", str(lm_dir), "hi", "--max-new-tokens", "2", "--dtype"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main([*argv, "bfloat16"]) == 0
+        assert main([*argv, "float32"]) == 0
+    slow = [w for w in caught if "no bfloat16 matmul units" in str(w.message)]
+    assert len(slow) == (0 if native else 1)
+    if slow:
+        assert "qkv generate --dtype bfloat16" in str(slow[0].message)
+        assert slow[0].category is RuntimeWarning
+
+
 def test_generate_command_bfloat16_decodes_the_bfloat16_model(lm_dir, capsys, monkeypatch):
     import qkv.generate as G
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .linear import warn_if_slow_bf16
 from .models import DecoderLM
 
 # --------------------------------------------------------------------------- sampling
@@ -266,12 +267,15 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
                         help="wrap the prompt in the model's chat template")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="weights and KV cache; bfloat16 halves the bytes read per token "
-                             "and uses the CPU's bf16 matmul units (faster for batches)")
+                             "and uses the CPU's bf16 matmul units (faster for batches; much "
+                             "slower on CPUs without them, which get a warning)")
 
 
 def run_generate(args: argparse.Namespace) -> int:
     _check_sampling(args.temperature, args.top_k, args.top_p)
     p = load_lm(args.model)
+    if args.dtype == "bfloat16":
+        warn_if_slow_bf16("qkv generate --dtype bfloat16")
     p.model.to(DTYPES[args.dtype])
     text = p.chat_prompt(args.prompt) if args.chat else args.prompt
     streamer = TextStream(p.tokenizer)

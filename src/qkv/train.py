@@ -20,6 +20,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import checkpoint
+from .linear import warn_if_slow_bf16
 from .tasks import ClassificationTask, LMTask, TranslationTask
 from .tokenizer import from_bytes, to_bytes, train_bpe
 from .trainconfig import TrainConfig, load_config
@@ -165,6 +166,8 @@ class Trainer:
         t = cfg.training
         if t.threads:
             torch.set_num_threads(t.threads)
+        if t.bf16:
+            warn_if_slow_bf16("training.bf16 = true (autocast)")
         resume_from = self._resume_point(resume)
         self._build(resume_from)
         self.step, self.epoch, self.batch_index, self.tokens_seen = 0, 0, 0, 0
