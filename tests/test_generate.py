@@ -247,6 +247,7 @@ def test_bfloat16_warns_only_on_a_cpu_without_bf16_units(lm_dir, native, monkeyp
         assert slow[0].category is RuntimeWarning
 
 
+@pytest.mark.filterwarnings("ignore:.*no bfloat16 matmul units")  # tested above
 def test_generate_command_bfloat16_decodes_the_bfloat16_model(lm_dir, capsys, monkeypatch):
     import qkv.generate as G
 
