@@ -35,7 +35,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 def bf16_is_native() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16, AMX, or oneDNN's
     AVX-512 path). Without it, e.g. on an AVX2-only AMD EPYC, a bfloat16 matmul took a
-    fallback path measured at 1.3 GFLOP/s, ~35x slower than float32 on the same core."""
+    fallback path measured at 1.3 GFLOP/s, 35-58x slower than float32 on the same core."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):  # private API gone: cannot tell, assume yes
