@@ -56,7 +56,8 @@ def main() -> None:
     n_bytes = (8 if args.quick else 1024) * 2**20
     # Without bf16 units (AVX2-only CPUs) torch's fallback ran at ~1 GFLOP/s: a 2048 product
     # would take ~15 s per repeat, so measure it at 512 and say so in the row.
-    sizes = {"float32": n, "bfloat16": n if bf16_is_native() else min(n, 512)}
+    native = bf16_is_native()
+    sizes = {"float32": n, "bfloat16": n if native else min(n, 512)}
     mm = {**matmul_rates(sizes["float32"], [torch.float32], repeats),
           **matmul_rates(sizes["bfloat16"], [torch.bfloat16], repeats)}
     bw = bandwidth(n_bytes, repeats)
@@ -69,7 +70,7 @@ def main() -> None:
         context_line(info, command_line()),
         table(["measure", "unit", f"median (min-max) of {repeats}"], rows),
     ])
-    data = {"machine": info, "n": n, "sizes": sizes, "bf16_native": bf16_is_native(),
+    data = {"machine": info, "n": n, "sizes": sizes, "bf16_native": native,
             "bytes": n_bytes, "matmul_gflops": mm,
             "bandwidth_gbs": bw, "peak_fp32_gflops": mm["float32"][0],
             "peak_bf16_gflops": mm["bfloat16"][0], "bandwidth_read_gbs": bw["sum (read)"][0]}

@@ -130,7 +130,7 @@ def test_decoder_lm_cached_equals_full(G, positions):
     full = model(x)
     stepped, cache = run_cached(model, x, [3, 1, 1, 2, 1])  # chunked prefill, then steps
     assert_close(stepped, full, **F64)
-    assert cache.length == 8 and cache.k[0].dtype == torch.float64
+    assert cache.length == 8 and cache.dtype == torch.float64
 
 
 @pytest.mark.parametrize("G", KV_HEADS)
