@@ -166,7 +166,7 @@ class Trainer:
         t = cfg.training
         if t.threads:
             torch.set_num_threads(t.threads)
-        if t.bf16:
+        if t.bf16 and self.rank == 0:  # one warning per run, not one per process
             warn_if_slow_bf16("training.bf16 = true (autocast)")
         resume_from = self._resume_point(resume)
         self._build(resume_from)
