@@ -3,8 +3,9 @@
 All 211 weight matrices of SmolLM2-135M (30 layers x q, k, v, o, gate, up, down, plus the
 49152 x 576 output layer; 540 MB, far more than the L3 cache) multiplied by an input of M
 rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear computes
-(W @ x^T)^T for 8 <= M <= 48 and falls back to F.linear elsewhere; this benchmark is
-where that range comes from: it also times the reversed product at every M.
+(W @ x^T)^T for 2 <= M <= 48, splits a single row's product into one block of W's rows per
+thread (one bmm), and falls back to F.linear elsewhere; this benchmark is where that comes
+from: it also times the reversed product at every M.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main() -> None:
     out = setup(args)
     info = machine_info()
     shapes = [(n // 16, k // 16) for n, k in SHAPES[:7]] if args.quick else SHAPES
-    rows_list = (1, 16) if args.quick else (1, 4, 8, 16, 32, 48, 64)
+    rows_list = (1, 16) if args.quick else (1, 2, 4, 8, 16, 32, 48, 64)
     repeats = args.repeats or (2 if args.quick else 5)
     ws = [torch.randn(*s) for s in shapes]
     nbytes = sum(w.numel() * 4 for w in ws)
@@ -61,7 +62,8 @@ def main() -> None:
         f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
         "warm-up, the three interleaved; GB/s = weight bytes / time; speed-up = F.linear "
         f"time / this time. qkv.linear reverses the product for M in {SKINNY_ROWS.start}-"
-        f"{SKINNY_ROWS.stop - 1}.",
+        f"{SKINNY_ROWS.stop - 1}; for M = 1 it multiplies {torch.get_num_threads()} blocks "
+        "of W's rows in one bmm (one per thread) when the thread count divides W's rows.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
     write(out, "skinny_linear", md, {"machine": info, "weight_bytes": nbytes, "stats": data})

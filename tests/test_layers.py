@@ -175,7 +175,7 @@ def test_dropout_only_in_training():
 # --------------------------------------------------------------------- skinny linear
 
 
-@pytest.mark.parametrize("rows", [1, 4, 8, 16, 48, 64])
+@pytest.mark.parametrize("rows", [1, 2, 4, 8, 16, 48, 64])
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_equals_f_linear_at_every_row_count(rows, bias):
     torch.manual_seed(rows)
@@ -185,8 +185,34 @@ def test_linear_equals_f_linear_at_every_row_count(rows, bias):
         y = layer(x)
     assert y.shape == (rows, 1, 40)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
-    # 8-48 rows: the reversed product, a transposed view whose rows are not contiguous
+    # 2-48 rows: the reversed product, a transposed view whose rows are not contiguous
     assert y.is_contiguous() == (rows not in SKINNY_ROWS)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_one_row_is_one_block_of_weight_rows_per_thread(threads, bias, monkeypatch):
+    """A single row goes through bmm in `threads` blocks of W's rows when they divide N
+    (40 rows: 2 blocks of 20), else (1 thread, or 3) through F.linear."""
+    blocks = []
+    for name in ("bmm", "baddbmm"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, real=real: blocks.append(
+            (a[-2].shape, a[-1].stride())) or real(*a))
+    torch.manual_seed(threads)
+    layer = Linear(24, 40, bias=bias)
+    x = torch.randn(1, 1, 24)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            y = layer(x)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert y.shape == (1, 1, 40) and y.is_contiguous()
+    # x as a transposed row (strides (0, 1, C)): as a column bmm took a much slower path
+    assert blocks == ([((2, 20, 24), (0, 1, 24))] if threads == 2 else [])
 
 
 def test_linear_trains_like_nn_linear():

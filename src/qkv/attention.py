@@ -343,7 +343,7 @@ class MultiHeadAttention(nn.Module):
 
     def _split_heads(self, x: Tensor, n: int) -> Tensor:
         B, T, _ = x.shape
-        if x.stride(-1) != 1:  # Linear's transposed output for 8-48 rows: SDPA's fused
+        if x.stride(-1) != 1:  # Linear's transposed output for 2-48 rows: SDPA's fused
             x = x.contiguous()  # kernel needs unit stride in D, else it takes the slow path
         return x.view(B, T, n, self.head_dim).transpose(1, 2)  # (B, n, T, D)
 
