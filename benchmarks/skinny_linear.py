@@ -62,8 +62,9 @@ def main() -> None:
         f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
         "warm-up, the three interleaved; GB/s = weight bytes / time; speed-up = F.linear "
         f"time / this time. qkv.linear reverses the product for M in {SKINNY_ROWS.start}-"
-        f"{SKINNY_ROWS.stop - 1}; for M = 1 it multiplies {torch.get_num_threads()} blocks "
-        "of W's rows in one bmm (one per thread) when the thread count divides W's rows.",
+        f"{SKINNY_ROWS.stop - 1}; for M = 1, with 2 or more threads, it multiplies one block "
+        "of W's rows per thread in one bmm (when the thread count divides W's rows), and "
+        "with 1 thread it calls F.linear.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
     write(out, "skinny_linear", md, {"machine": info, "weight_bytes": nbytes, "stats": data})

@@ -178,12 +178,12 @@ def test_gqa_path_does_not_repeat_kv_heads(monkeypatch):
     assert seen and set(seen) == {2}
 
 
-@pytest.mark.parametrize("rows", [1, 16])
+@pytest.mark.parametrize("rows", [1, 4, 16])
 @pytest.mark.parametrize("G", [4, 1])
 def test_decode_step_feeds_sdpa_unit_stride_head_dims(rows, G, monkeypatch):
     """The fused kernel needs stride 1 in D; with a larger stride SDPA silently takes its
     math path, which copied the whole KV cache (5x slower at 2,048 tokens). Linear's
-    transposed outputs for 8-48 rows must not leak into it."""
+    transposed outputs for 2-48 rows must not leak into it."""
     strides = []
     sdpa = F.scaled_dot_product_attention
 

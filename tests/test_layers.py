@@ -20,7 +20,7 @@ from qkv.layers import (
     make_norm,
     sinusoidal_table,
 )
-from qkv.linear import SKINNY_ROWS, Linear
+from qkv.linear import SKINNY_ROWS, Linear, linear
 
 F64 = dict(rtol=0, atol=1e-10)
 
@@ -197,8 +197,8 @@ def test_linear_one_row_is_one_block_of_weight_rows_per_thread(threads, bias, mo
     blocks = []
     for name in ("bmm", "baddbmm"):
         real = getattr(torch, name)
-        monkeypatch.setattr(torch, name, lambda *a, real=real: blocks.append(
-            (a[-2].shape, a[-1].stride())) or real(*a))
+        monkeypatch.setattr(torch, name, lambda *a, real=real, **kw: blocks.append(
+            (a[-2].shape, a[-1].stride())) or real(*a, **kw))
     torch.manual_seed(threads)
     layer = Linear(24, 40, bias=bias)
     x = torch.randn(1, 1, 24)
@@ -213,6 +213,19 @@ def test_linear_one_row_is_one_block_of_weight_rows_per_thread(threads, bias, mo
     assert y.shape == (1, 1, 40) and y.is_contiguous()
     # x as a transposed row (strides (0, 1, C)): as a column bmm took a much slower path
     assert blocks == ([((2, 20, 24), (0, 1, 24))] if threads == 2 else [])
+
+
+@pytest.mark.parametrize("rows", [1, 4])
+def test_linear_takes_f_linear_inputs_and_errors(rows):
+    """1-D inputs, a broadcast bias, a non-contiguous weight: F.linear's results; a wrong
+    input width: F.linear's error."""
+    torch.manual_seed(rows)
+    w, x = torch.randn(6, 4), torch.randn(rows, 4)
+    with torch.inference_mode():
+        for args in [(x, w), (x[0], w), (x, w, torch.randn(1)), (x, w.T.contiguous().T)]:
+            torch.testing.assert_close(linear(*args), F.linear(*args))
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):
+            linear(torch.randn(rows, 5), w)
 
 
 def test_linear_trains_like_nn_linear():
