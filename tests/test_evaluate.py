@@ -13,7 +13,7 @@ from torch import nn
 import qkv
 from qkv import EncoderDecoder, preset
 from qkv.cli import main
-from qkv.evaluate import bleu, read_lines
+from qkv.evaluate import bleu, bleu_difference, read_lines
 from qkv.tokenizer import to_bytes, train_bpe
 from qkv.translate import translate_lines
 
@@ -50,6 +50,42 @@ def test_identical_is_100_and_lowercase_ignores_case():
 def test_bleu_rejects_misaligned():
     with pytest.raises(ValueError, match="2 hypotheses but 3 references"):
         bleu(HYPS[:2], REFS)
+
+
+@pytest.mark.parametrize("lowercase", [False, True])
+def test_bleu_difference_is_sacrebleu_on_every_draw(lowercase):
+    """The paired bootstrap against a brute-force one: sacreBLEU's corpus BLEU of both
+    systems on each draw of sentences (same generator), then the same quantiles."""
+    refs, hyps, base = REFS * 3, HYPS * 2 + REFS, [h.upper() for h in HYPS] + HYPS * 2
+    got = bleu_difference(hyps, base, refs, lowercase=lowercase, resamples=40, seed=3)
+    draws = torch.randint(len(refs), (40, len(refs)), generator=torch.Generator().manual_seed(3))
+
+    def score(sents, pick):
+        return sacrebleu.corpus_bleu([sents[i] for i in pick], [[refs[i] for i in pick]],
+                                     lowercase=lowercase).score
+
+    deltas = torch.tensor([score(hyps, d.tolist()) - score(base, d.tolist()) for d in draws],
+                          dtype=torch.float64)
+    low, high = torch.quantile(deltas, torch.tensor([0.025, 0.975], dtype=torch.float64))
+    assert got["delta_95"] == pytest.approx((float(low), float(high)), abs=1e-9)
+    assert got["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs],
+                                                              lowercase=lowercase).score)
+    assert got["delta"] == pytest.approx(got["bleu"] - got["baseline_bleu"])
+    assert got["delta"] > 0 and got["resamples"] == 40
+
+
+def test_bleu_difference_edges():
+    same = bleu_difference(HYPS, HYPS, REFS, resamples=50)
+    assert same["delta"] == 0 and same["delta_95"] == (0.0, 0.0)
+    perfect = bleu_difference(REFS * 5, HYPS * 5, REFS * 5, resamples=50)  # wins every draw
+    assert perfect["bleu"] == pytest.approx(100.0) and perfect["delta_95"][0] > 0
+    assert bleu_difference(HYPS, REFS, REFS, seed=1) == bleu_difference(HYPS, REFS, REFS, seed=1)
+    with pytest.raises(ValueError, match="3 hypotheses, 2 baseline lines and 3 references"):
+        bleu_difference(HYPS, HYPS[:2], REFS)
+    with pytest.raises(ValueError, match="resamples=0 must be >= 1"):
+        bleu_difference(HYPS, HYPS, REFS, resamples=0)
+    with pytest.raises(ValueError, match="no sentences to compare"):
+        bleu_difference([], [], [])
 
 
 def test_read_lines(tmp_path):
@@ -124,8 +160,30 @@ def test_evaluate_cli_scores_a_hypothesis_file(files, capsys):
     assert status == 0 and "BLEU|nrefs:1|case:lc" in out and "= 100.00" in out
 
 
+def test_evaluate_cli_compares_with_a_baseline(files, capsys):
+    args = ["evaluate", "--hyp", str(files / "ref.txt"), "--ref", str(files / "ref.txt"),
+            "--baseline", str(files / "hyp.txt"), "--resamples", "30"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    diff = bleu_difference(REFS, HYPS, REFS, resamples=30)
+    low, high = diff["delta_95"]
+    assert lines[2] == (f"BLEU - baseline BLEU ({diff['baseline_bleu']:.2f}) = "
+                        f"{diff['delta']:+.2f}, 95% paired bootstrap interval [{low:+.2f}, "
+                        f"{high:+.2f}] over 3 sentences (30 draws)")
+    assert main([*args, "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["bleu_delta"] == pytest.approx(diff["delta"]) and scores["resamples"] == 30
+    assert scores["bleu_delta_95"] == pytest.approx(list(diff["delta_95"]))
+
+
 @pytest.mark.parametrize("args, match", [
     (["--hyp", "short.txt", "--ref", "ref.txt"], "short.txt has 2 lines but"),
+    (["--hyp", "hyp.txt", "--ref", "ref.txt", "--baseline", "short.txt"],
+     "short.txt has 2 lines but"),
+    (["--model", "model", "--src", "src.txt", "--ref", "ref.txt", "--baseline", "hyp.txt",
+      "--resamples", "0"], "--resamples=0 must be >= 1"),
+    (["--hyp", "hyp.txt", "--ref", "ref.txt", "--baseline", "missing.txt"],
+     "missing.txt: no such file"),
     (["--model", "model", "--src", "short.txt", "--ref", "ref.txt"], "short.txt has 2 lines"),
     (["--hyp", "missing.txt", "--ref", "ref.txt"], "missing.txt: no such file"),
     (["--hyp", "hyp.txt", "--ref", "missing.txt"], "missing.txt: no such file"),
