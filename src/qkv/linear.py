@@ -5,7 +5,7 @@ CPU's GEMM handles the weight as the second operand and re-packs all of it on ev
 Computing (W @ x^T)^T instead makes W the first operand, which it streams once. On the
 2-core Xeon of docs/benchmarks.md, for SmolLM2's 211 weight matrices in float32, this
 was 1.3-1.5x faster at 8 to 48 rows and no faster at 1, 4 or 64 rows; on the 2-core AMD
-EPYC it was 2.5x faster at 2 and 4 rows as well (benchmarks/skinny_linear.py). The result
+EPYC it was 2.7-2.8x faster at 2 and 4 rows as well (benchmarks/skinny_linear.py). The result
 is a transposed view, not a copy: the same values as F.linear up to rounding, with other
 strides.
 
