@@ -75,3 +75,19 @@ def test_bench_errors(tmp_path, monkeypatch, capsys):
         benchmarks_dir()
     assert main(["bench", "machine", "--quick"]) == 2
     assert "run qkv bench from a source checkout" in capsys.readouterr().err
+
+
+def test_decode_attention_quick_rows_and_agreement(tmp_path):
+    """The script checks its ways agree with qkv.attention before timing them."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "decode_attention.py"), "--quick",
+                           "--threads", "1", "--out", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads((tmp_path / "decode_attention.json").read_text())["rows"]
+    assert {(r["n_kv_heads"], r["way"]) for r in rows} == {
+        (g, w) for g in (9, 3, 1) for w in ("qkv", "matmul", "enable_gqa", "read")}
+    kv = {r["n_kv_heads"]: r["kv_bytes"] for r in rows}
+    assert kv[9] == 9 * kv[1] and kv[3] == 3 * kv[1]
+    assert all(r["vs_read"] == 1 for r in rows if r["way"] == "read")
