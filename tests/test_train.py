@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -319,3 +320,52 @@ def test_bf16_autocast_trains(tmp_path, monkeypatch):
     assert main(["train", str(fp32), "--out", str(tmp_path / "fp")]) == 0
     first = _losses(tmp_path / "fp")[0][1]
     assert losses[0] == pytest.approx(first, rel=0.05) and losses[0] != first
+
+
+def _init_from_config(cfg: Path, model: str, data: str = "") -> Path:
+    """The tiny config with its [model] table replaced by `model`, `data` lines added."""
+    rest = cfg.read_text().split("[data]", 1)[1]
+    path = cfg.parent / "from.toml"
+    path.write_text(f"[model]\n{model}\n[data]\n{data}{rest}")
+    return path
+
+
+def test_uptrain_a_converted_translation_checkpoint(tmp_path):
+    """MHA -> MQA by qkv convert, then qkv train from it: every weight carries over."""
+    cfg = _config(tmp_path, model="n_heads = 4", training="max_steps = 2")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "mha")]) == 0
+    assert main(["convert", str(tmp_path / "mha" / "last"), str(tmp_path / "mqa"),
+                 "--kv-heads", "1"]) == 0
+    up = _init_from_config(cfg, 'init_from = "mqa"\ndropout = 0.1')  # relative to the file
+    trainer = Trainer(load_config(up), tmp_path / "up")
+    start = checkpoint.load(tmp_path / "mqa")
+    assert start.cfg.dropout == 0.0  # the tiny preset's
+    assert trainer.model.cfg.n_kv_heads == 1 and trainer.model.cfg.dropout == 0.1
+    for name, t in start.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], t, rtol=0, atol=0)
+    assert main(["train", str(up), "--out", str(tmp_path / "up")]) == 0
+    last = tmp_path / "up" / "last"
+    assert checkpoint.load(last).cfg.n_kv_heads == 1
+    assert checkpoint.read_metadata(last)["step"] == 2
+    assert checkpoint.read_file(last, "tokenizer") == checkpoint.read_file(tmp_path / "mqa",
+                                                                            "tokenizer")
+
+
+@pytest.mark.parametrize("model, data, message", [
+    ('init_from = "nowhere"', "", r"for task 'translation' expected a qkv checkpoint folder"),
+    ('init_from = "mha/last"\nd_ff = 128', "",
+     r"\[model\] settings d_ff would change the shape of its weights"),
+    ('init_from = "mha/last"', 'task = "lm"\n',
+     r"holds a EncoderDecoder; task 'lm' needs DecoderLM"),
+    ('init_from = "mha/last"', 'tokenizer = "mha/last"\n',
+     r"data.tokenizer=.* and model.init_from=.* are both set"),
+])
+def test_init_from_errors_exit_2(tmp_path, capsys, model, data, message):
+    cfg = _config(tmp_path, training="max_steps = 1")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "mha")]) == 0
+    path = _init_from_config(cfg, model, data)
+    if "lm" in data:  # one text file: the English side
+        path.write_text(path.read_text().replace('", "', '"] # ["', 1))
+    capsys.readouterr()
+    assert main(["train", str(path), "--out", str(tmp_path / "x")]) == 2
+    assert re.search(message, capsys.readouterr().err)

@@ -130,6 +130,65 @@ def _read_tokenizer(path: str) -> bytes:
     return p.read_bytes()
 
 
+def _init_from(cfg: TrainConfig):
+    """(model, tokenizer, text_encoding) to start from, given model.init_from.
+
+    A qkv checkpoint folder works for every task and keeps all its weights, e.g. an MHA
+    translation model converted to MQA by `qkv convert`, to uptrain (Ainslie et al. 2023).
+    Classification also takes a pretrained encoder (name or file) and gives it a new head.
+    The optimizer, schedule and step count start afresh.
+    """
+    src, task = cfg.model.init_from, cfg.data.task
+    if cfg.data.tokenizer:
+        raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} and model.init_from={src!r} "
+                         "are both set: init_from brings its own tokenizer; remove one")
+    meta = _checkpoint_metadata(src)
+    if task == "classification":
+        model, tok = _pretrained(cfg)
+        return model, tok, meta.get("text_encoding", "qkv") if meta is not None else "hf"
+    if meta is None:
+        raise ValueError(f"model.init_from={src!r}: for task {task!r} expected a qkv checkpoint "
+                         "folder (written by qkv train, average or convert)")
+    from .models import DecoderLM, EncoderDecoder
+    from .pretrained import load_checkpoint
+
+    loaded = load_checkpoint(src)
+    want = EncoderDecoder if task == "translation" else DecoderLM
+    if not isinstance(loaded.model, want):
+        raise ValueError(f"model.init_from={src!r}: holds a {type(loaded.model).__name__}; "
+                         f"task {task!r} needs {want.__name__}")
+    return _with_overrides(loaded.model, cfg), loaded.tokenizer, meta.get("text_encoding", "qkv")
+
+
+def _checkpoint_metadata(path: str) -> dict | None:
+    """A qkv checkpoint folder's metadata, or None if `path` is not one."""
+    if not (Path(path) / checkpoint.MANIFEST).is_file():
+        return None
+    return checkpoint.read_metadata(path)
+
+
+def _with_overrides(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """The model with the config file's [model] settings applied, weights kept.
+
+    Settings that do not change a weight's shape (dropout, ...) may differ; others fail.
+    """
+    overrides = cfg.model.overrides
+    if not overrides:
+        return model
+    try:
+        new = type(model)(model.cfg.replace(**overrides))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model: {e}") from None
+    try:
+        new.load_state_dict(model.state_dict())
+    except RuntimeError:
+        changed = sorted(k for k, v in overrides.items() if getattr(model.cfg, k) != v)
+        raise ValueError(f"model.init_from={cfg.model.init_from!r}: [model] settings "
+                         f"{', '.join(changed)} would change the shape of its weights; remove "
+                         "them (the checkpoint's architecture is used)") from None
+    return new
+
+
 def _pretrained(cfg: TrainConfig):
     """(classifier, tokenizer) initialised from a pretrained encoder (qkv.pretrained)."""
     from .models import EncoderClassifier
@@ -198,8 +257,7 @@ class Trainer:
             self.tok = from_bytes(checkpoint.read_file(resume_from, "tokenizer"))
             self.text_encoding = checkpoint.read_metadata(resume_from)["text_encoding"]
         elif cfg.model.init_from:
-            self.model, self.tok = _pretrained(cfg)
-            self.text_encoding = "hf"
+            self.model, self.tok, self.text_encoding = _init_from(cfg)
         else:
             self.tok, self.text_encoding = _shared_tokenizer(cfg, self.world)
             self.model = None

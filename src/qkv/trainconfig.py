@@ -28,7 +28,7 @@ class ModelSection:
     """A preset plus ModelConfig fields; vocab_size comes from the tokenizer when unset."""
 
     preset: str = "small"
-    init_from: str = ""  # a pretrained encoder name or path (classification), see pretrained.py
+    init_from: str = ""  # a qkv checkpoint to start from; classification: or a pretrained encoder
     overrides: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -183,6 +183,11 @@ def _section(name: str, table: dict, base: Path):
             raise ValueError(f"{name}.{key}: unknown key")
         kw[key] = value if key == "overrides" else _check_type(f"{name}.{key}", value,
                                                                 defaults[key])
+    if cls is ModelSection and kw.get("init_from"):
+        from .pretrained import PRETRAINED  # a known name stays a name; else a path
+
+        if kw["init_from"] not in PRETRAINED:
+            kw["init_from"] = resolve_path(kw["init_from"], base, "model.init_from")
     if cls is DataSection:
         for key in ("train", "valid", "test"):
             kw[key] = [resolve_path(p, base, f"data.{key}") for p in kw.get(key, [])]
