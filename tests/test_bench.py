@@ -90,4 +90,3 @@ def test_decode_attention_quick_rows_and_agreement(tmp_path):
         (g, w) for g in (9, 3, 1) for w in ("qkv", "matmul", "enable_gqa", "read")}
     kv = {r["n_kv_heads"]: r["kv_bytes"] for r in rows}
     assert kv[9] == 9 * kv[1] and kv[3] == 3 * kv[1]
-    assert all(r["vs_read"] == 1 for r in rows if r["way"] == "read")

@@ -10,10 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from qkv import checkpoint
 from qkv.classify import encode_text
 from qkv.cli import main
+from qkv.train import Trainer
+from qkv.trainconfig import load_config
 
 POS = "good great fine lovely superb".split()
 NEG = "bad awful dull boring poor".split()
@@ -118,3 +121,23 @@ def test_fine_tune_from_minilm(tmp_path, monkeypatch, capsys):
     assert main(["classify", "--model", str(tmp_path / "mini" / "last")]) == 0
     label, prob = capsys.readouterr().out.strip().split("\t")
     assert label in ("negative", "positive") and 0.5 <= float(prob) <= 1.0
+
+
+def test_init_from_a_qkv_classifier(tmp_path):
+    """Same labels: the whole classifier carries over. Other labels: its encoder, a new head."""
+    cfg = _config(tmp_path, 'preset = "tiny"\nd_model = 32\nn_layers = 1', steps=2)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "a")]) == 0
+    first = checkpoint.load(tmp_path / "a" / "last")
+    text = cfg.read_text().replace('preset = "tiny"\nd_model = 32\nn_layers = 1',
+                                   f'init_from = "{tmp_path / "a" / "last"}"')
+    cfg.write_text(text)
+    trainer = Trainer(load_config(cfg), tmp_path / "b")
+    assert trainer.text_encoding == "qkv"
+    for name, t in first.state_dict().items():
+        torch.testing.assert_close(trainer.model.state_dict()[name], t, rtol=0, atol=0)
+    cfg.write_text(text.replace('labels = ["negative", "positive"]',
+                                'labels = ["negative", "positive", "neutral"]'))
+    trainer = Trainer(load_config(cfg), tmp_path / "c")
+    assert trainer.model.cfg.n_classes == 3 and trainer.text_encoding == "qkv"
+    for name, t in first.encoder.state_dict().items():
+        torch.testing.assert_close(trainer.model.encoder.state_dict()[name], t, rtol=0, atol=0)

@@ -7,6 +7,7 @@ import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -331,7 +332,8 @@ def _init_from_config(cfg: Path, model: str, data: str = "") -> Path:
 
 
 def test_uptrain_a_converted_translation_checkpoint(tmp_path):
-    """MHA -> MQA by qkv convert, then qkv train from it: every weight carries over."""
+    """MHA -> MQA by qkv convert, then qkv train from it: every weight carries over, the
+    step count starts afresh, the lineage is recorded, and --resume needs only the run."""
     cfg = _config(tmp_path, model="n_heads = 4", training="max_steps = 2")
     assert main(["train", str(cfg), "--out", str(tmp_path / "mha")]) == 0
     assert main(["convert", str(tmp_path / "mha" / "last"), str(tmp_path / "mqa"),
@@ -344,19 +346,33 @@ def test_uptrain_a_converted_translation_checkpoint(tmp_path):
     for name, t in start.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], t, rtol=0, atol=0)
     assert main(["train", str(up), "--out", str(tmp_path / "up")]) == 0
+    assert _losses(tmp_path / "up")[0][0] == 1
     last = tmp_path / "up" / "last"
+    meta = checkpoint.read_metadata(last)
+    assert meta["step"] == 2 and meta["init_from"] == str(tmp_path / "mqa")
+    assert meta["converted_from"] == str(tmp_path / "mha" / "last")
     assert checkpoint.load(last).cfg.n_kv_heads == 1
-    assert checkpoint.read_metadata(last)["step"] == 2
     assert checkpoint.read_file(last, "tokenizer") == checkpoint.read_file(tmp_path / "mqa",
                                                                             "tokenizer")
+    shutil.rmtree(tmp_path / "mqa")  # resuming reads the run's own checkpoint
+    up.write_text(up.read_text().replace("max_steps = 2", "max_steps = 3"))
+    assert main(["train", str(up), "--out", str(tmp_path / "up"), "--resume"]) == 0
+    meta = checkpoint.read_metadata(tmp_path / "up" / "last")
+    assert meta["step"] == 3 and meta["init_from"] == str(tmp_path / "mqa")
 
 
 @pytest.mark.parametrize("model, data, message", [
-    ('init_from = "nowhere"', "", r"for task 'translation' expected a qkv checkpoint folder"),
-    ('init_from = "mha/last"\nd_ff = 128', "",
-     r"\[model\] settings d_ff would change the shape of its weights"),
+    ('init_from = "nowhere"', "", r"expected a qkv checkpoint of a 'translation' run "
+     r"\(written by qkv train, average or convert\), found no such folder"),
+    ('init_from = "."', "", r"found a folder that is not a qkv checkpoint"),
+    ('init_from = "mha/last"\nd_ff = 128', "", r"\[model\] d_ff=128 differs from the "
+     r"checkpoint's d_ff=64; beside init_from only dropout, attn_dropout may be set"),
+    ('init_from = "mha/last"\ndropout = 0.3\nn_heads = 2', "",
+     r"\[model\] n_heads=2 differs from the checkpoint's n_heads=4;"),
+    ('init_from = "mha/last"\npreset = "tiny"', "",
+     r"model.preset='tiny': not used with model.init_from"),
     ('init_from = "mha/last"', 'task = "lm"\n',
-     r"holds a EncoderDecoder; task 'lm' needs DecoderLM"),
+     r"expected a qkv checkpoint of a 'lm' run .* found a checkpoint of task 'translation'"),
     ('init_from = "mha/last"', 'tokenizer = "mha/last"\n',
      r"data.tokenizer=.* and model.init_from=.* are both set"),
 ])
@@ -368,4 +384,5 @@ def test_init_from_errors_exit_2(tmp_path, capsys, model, data, message):
         path.write_text(path.read_text().replace('", "', '"] # ["', 1))
     capsys.readouterr()
     assert main(["train", str(path), "--out", str(tmp_path / "x")]) == 2
-    assert re.search(message, capsys.readouterr().err)
+    err = capsys.readouterr().err
+    assert re.search(message, err) and "dropout=0.3" not in err

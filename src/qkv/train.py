@@ -130,12 +130,19 @@ def _read_tokenizer(path: str) -> bytes:
     return p.read_bytes()
 
 
-def _init_from(cfg: TrainConfig):
-    """(model, tokenizer, text_encoding) to start from, given model.init_from.
+# [model] settings that may differ from an init_from checkpoint's: they change no weight
+TUNABLE = ("dropout", "attn_dropout")
+# metadata a run started with init_from keeps from where its weights came
+LINEAGE = ("init_from", "converted_from", "kv_heads_conversion")
 
-    A qkv checkpoint folder works for every task and keeps all its weights, e.g. an MHA
-    translation model converted to MQA by `qkv convert`, to uptrain (Ainslie et al. 2023).
-    Classification also takes a pretrained encoder (name or file) and gives it a new head.
+
+def _init_from(cfg: TrainConfig):
+    """(model, tokenizer, text_encoding, lineage) to start from, given model.init_from.
+
+    A qkv checkpoint of a run of the same task (written by qkv train, average or convert)
+    is kept whole, e.g. an MHA translation model converted to MQA, to uptrain (Ainslie et
+    al. 2023). Classification also takes a pretrained encoder (a name, a file or a
+    converted folder), or a qkv classifier with other labels, and gives it a new head.
     The optimizer, schedule and step count start afresh.
     """
     src, task = cfg.model.init_from, cfg.data.task
@@ -143,21 +150,23 @@ def _init_from(cfg: TrainConfig):
         raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} and model.init_from={src!r} "
                          "are both set: init_from brings its own tokenizer; remove one")
     meta = _checkpoint_metadata(src)
-    if task == "classification":
-        model, tok = _pretrained(cfg)
-        return model, tok, meta.get("text_encoding", "qkv") if meta is not None else "hf"
-    if meta is None:
-        raise ValueError(f"model.init_from={src!r}: for task {task!r} expected a qkv checkpoint "
-                         "folder (written by qkv train, average or convert)")
-    from .models import DecoderLM, EncoderDecoder
-    from .pretrained import load_checkpoint
+    lineage = {k: meta[k] for k in LINEAGE if meta and k in meta} | {"init_from": src}
+    n_classes = max(2, len(cfg.data.labels))
+    if meta is not None and meta.get("task") == task:
+        from .pretrained import load_checkpoint
 
-    loaded = load_checkpoint(src)
-    want = EncoderDecoder if task == "translation" else DecoderLM
-    if not isinstance(loaded.model, want):
-        raise ValueError(f"model.init_from={src!r}: holds a {type(loaded.model).__name__}; "
-                         f"task {task!r} needs {want.__name__}")
-    return _with_overrides(loaded.model, cfg), loaded.tokenizer, meta.get("text_encoding", "qkv")
+        loaded = load_checkpoint(src)
+        if task != "classification" or loaded.model.cfg.n_classes == n_classes:
+            model = _with_overrides(loaded.model, _changed_settings(loaded.model.cfg, cfg))
+            return model, loaded.tokenizer, meta.get("text_encoding", "qkv"), lineage
+    if task != "classification":
+        found = ("no such folder" if not Path(src).exists() else
+                 "a folder that is not a qkv checkpoint" if meta is None else
+                 f"a checkpoint of task {meta.get('task')!r}")
+        raise ValueError(f"model.init_from={src!r}: expected a qkv checkpoint of a {task!r} run "
+                         f"(written by qkv train, average or convert), found {found}")
+    model, tok = _pretrained(cfg, n_classes)
+    return model, tok, (meta or {}).get("text_encoding", "hf"), lineage
 
 
 def _checkpoint_metadata(path: str) -> dict | None:
@@ -167,42 +176,47 @@ def _checkpoint_metadata(path: str) -> dict | None:
     return checkpoint.read_metadata(path)
 
 
-def _with_overrides(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
-    """The model with the config file's [model] settings applied, weights kept.
+def _changed_settings(current, cfg: TrainConfig) -> dict:
+    """The [model] settings that differ from the checkpoint's ModelConfig `current`.
 
-    Settings that do not change a weight's shape (dropout, ...) may differ; others fail.
+    Only TUNABLE ones may: the rest would change what the weights mean or their shapes.
     """
-    overrides = cfg.model.overrides
-    if not overrides:
+    changed = {k: v for k, v in cfg.model.overrides.items() if getattr(current, k) != v}
+    fixed = sorted(k for k in changed if k not in TUNABLE)
+    if fixed:
+        ours = ", ".join(f"{k}={changed[k]!r}" for k in fixed)
+        theirs = ", ".join(f"{k}={getattr(current, k)!r}" for k in fixed)
+        raise ValueError(f"model.init_from={cfg.model.init_from!r}: [model] {ours} differs from "
+                         f"the checkpoint's {theirs}; beside init_from only "
+                         f"{', '.join(TUNABLE)} may be set")
+    return changed
+
+
+def _with_overrides(model: torch.nn.Module, changed: dict) -> torch.nn.Module:
+    """The model with `changed` (TUNABLE) settings, its weights kept."""
+    if not changed:
         return model
-    try:
-        new = type(model)(model.cfg.replace(**overrides))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model: {e}") from None
-    try:
-        new.load_state_dict(model.state_dict())
-    except RuntimeError:
-        changed = sorted(k for k, v in overrides.items() if getattr(model.cfg, k) != v)
-        raise ValueError(f"model.init_from={cfg.model.init_from!r}: [model] settings "
-                         f"{', '.join(changed)} would change the shape of its weights; remove "
-                         "them (the checkpoint's architecture is used)") from None
+    new = type(model)(model.cfg.replace(**changed))
+    new.load_state_dict(model.state_dict())
     return new
 
 
-def _pretrained(cfg: TrainConfig):
-    """(classifier, tokenizer) initialised from a pretrained encoder (qkv.pretrained)."""
+def _pretrained(cfg: TrainConfig, n_classes: int):
+    """(classifier, tokenizer): a pretrained encoder (qkv.pretrained) with a new head."""
     from .models import EncoderClassifier
     from .pretrained import load_pretrained
 
-    loaded = load_pretrained(cfg.model.init_from, n_classes=max(2, len(cfg.data.labels)))
-    if not isinstance(loaded.model, EncoderClassifier):
-        raise ValueError(f"model.init_from={cfg.model.init_from!r}: holds a "
-                         f"{type(loaded.model).__name__}, not an encoder")
-    torch.manual_seed(cfg.training.seed)  # the fresh classification head
+    src = cfg.model.init_from
     try:
-        model = EncoderClassifier(loaded.model.cfg.replace(**cfg.model.overrides))
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model: {e}") from None
+        loaded = load_pretrained(src, n_classes=n_classes)
+    except (FileNotFoundError, checkpoint.CheckpointError) as e:
+        raise ValueError(f"model.init_from={src!r}: {e}") from None
+    if not isinstance(loaded.model, EncoderClassifier):
+        raise ValueError(f"model.init_from={src!r}: holds a "
+                         f"{type(loaded.model).__name__}, not an encoder")
+    changed = _changed_settings(loaded.model.cfg, cfg)
+    torch.manual_seed(cfg.training.seed)  # the fresh classification head
+    model = EncoderClassifier(loaded.model.cfg.replace(n_classes=n_classes, **changed))
     model.encoder.load_state_dict(loaded.model.encoder.state_dict())
     return model, loaded.tokenizer
 
@@ -252,12 +266,15 @@ class Trainer:
 
     def _build(self, resume_from: Path | None) -> None:
         cfg = self.cfg
+        self.lineage: dict = {}  # where init_from's weights came from, kept in every checkpoint
         if resume_from is not None:
             self.model = checkpoint.load(resume_from).train()
             self.tok = from_bytes(checkpoint.read_file(resume_from, "tokenizer"))
-            self.text_encoding = checkpoint.read_metadata(resume_from)["text_encoding"]
+            meta = checkpoint.read_metadata(resume_from)
+            self.text_encoding = meta["text_encoding"]
+            self.lineage = {k: meta[k] for k in LINEAGE if k in meta}
         elif cfg.model.init_from:
-            self.model, self.tok, self.text_encoding = _init_from(cfg)
+            self.model, self.tok, self.text_encoding, self.lineage = _init_from(cfg)
         else:
             self.tok, self.text_encoding = _shared_tokenizer(cfg, self.world)
             self.model = None
@@ -404,7 +421,7 @@ class Trainer:
                  "param_groups": groups, "config": self.cfg.to_dict()}
         meta = {"step": self.step, "task": self.cfg.data.task,
                 "text_encoding": self.text_encoding, "labels": list(self.cfg.data.labels),
-                "decoding": self.cfg.to_dict()["decoding"]}
+                "decoding": self.cfg.to_dict()["decoding"], **self.lineage}
         path = self.out / f"{CKPT_PREFIX}{self.step:08d}"
         checkpoint.save(self.model, path, metadata=meta, files={
             "tokenizer": to_bytes(self.tok), "optimizer": opt_blob,
