@@ -65,6 +65,7 @@ def cases(layers: int, batch: int, context: int, G: int):
                 fn(query, k, v)
         return go
 
+    # before timing: the SDPA ways agree with the plain matmul form (on the first layer)
     check = matmul_attention(qf, ks[0], vs[0]).reshape(batch, H, 1, D)
     for name, out in [("qkv", attention(q, ks[0], vs[0])),
                       ("enable_gqa", gqa_attention(q, ks[0], vs[0]))]:
