@@ -331,7 +331,7 @@ def _init_from_config(cfg: Path, model: str, data: str = "") -> Path:
     return path
 
 
-def test_uptrain_a_converted_translation_checkpoint(tmp_path):
+def test_uptrain_a_converted_translation_checkpoint(tmp_path, capsys):
     """MHA -> MQA by qkv convert, then qkv train from it: every weight carries over, the
     step count starts afresh, the lineage is recorded, and --resume needs only the run."""
     cfg = _config(tmp_path, model="n_heads = 4", training="max_steps = 2")
@@ -345,7 +345,10 @@ def test_uptrain_a_converted_translation_checkpoint(tmp_path):
     assert trainer.model.cfg.n_kv_heads == 1 and trainer.model.cfg.dropout == 0.1
     for name, t in start.state_dict().items():
         torch.testing.assert_close(trainer.model.state_dict()[name], t, rtol=0, atol=0)
+    capsys.readouterr()
     assert main(["train", str(up), "--out", str(tmp_path / "up")]) == 0
+    assert (f"qkv: starting from {tmp_path / 'mqa'} (EncoderDecoder, 4 query heads, "
+            "1 key/value heads: MQA) at step 0") in capsys.readouterr().err
     assert _losses(tmp_path / "up")[0][0] == 1
     last = tmp_path / "up" / "last"
     meta = checkpoint.read_metadata(last)

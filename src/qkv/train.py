@@ -275,6 +275,11 @@ class Trainer:
             self.lineage = {k: meta[k] for k in LINEAGE if k in meta}
         elif cfg.model.init_from:
             self.model, self.tok, self.text_encoding, self.lineage = _init_from(cfg)
+            if self.rank == 0:
+                m = self.model.cfg
+                print(f"qkv: starting from {cfg.model.init_from} ({type(self.model).__name__}, "
+                      f"{m.n_heads} query heads, {m.n_kv_heads} key/value heads: "
+                      f"{m.attention_kind}) at step 0", file=sys.stderr)
         else:
             self.tok, self.text_encoding = _shared_tokenizer(cfg, self.world)
             self.model = None
