@@ -101,3 +101,19 @@ def test_replace_keeps_mha_mha_and_mqa_mqa():
     assert gqa.replace(n_layers=2).n_decoder_layers == 4
     with pytest.raises(ValueError, match="n_heads=6 is not divisible by n_kv_heads=4"):
         ModelConfig(n_heads=8, n_kv_heads=4, d_model=48).replace(n_heads=6)
+
+
+def test_every_shipped_config_parses(monkeypatch):
+    """configs/*.toml stay valid as the config schema changes (paths need not exist)."""
+    from pathlib import Path
+
+    from qkv.trainconfig import load_config
+
+    monkeypatch.setenv("QKV_DATA_DIR", "/nonexistent/data")
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))
+    assert len(configs) >= 7
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.data.train, path
+    up = load_config(configs[0].parent / "multi30k-mqa-uptrain.toml")
+    assert Path(up.model.init_from).resolve() == configs[0].parents[1] / "runs" / "multi30k-mha-to-mqa"
