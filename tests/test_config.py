@@ -115,5 +115,6 @@ def test_every_shipped_config_parses(monkeypatch):
     for path in configs:
         cfg = load_config(path)
         assert cfg.data.train, path
-    up = load_config(configs[0].parent / "multi30k-mqa-uptrain.toml")
-    assert Path(up.model.init_from).resolve() == configs[0].parents[1] / "runs" / "multi30k-mha-to-mqa"
+    root = configs[0].parents[1]
+    up = load_config(root / "configs" / "multi30k-mqa-uptrain.toml")
+    assert Path(up.model.init_from).resolve() == root / "runs" / "multi30k-mha-to-mqa"
