@@ -150,7 +150,7 @@ def _init_from(cfg: TrainConfig):
         raise ValueError(f"data.tokenizer={cfg.data.tokenizer!r} and model.init_from={src!r} "
                          "are both set: init_from brings its own tokenizer; remove one")
     meta = _checkpoint_metadata(src)
-    lineage = {k: meta[k] for k in LINEAGE if meta and k in meta} | {"init_from": src}
+    lineage = _lineage(meta or {}) | {"init_from": src}
     n_classes = max(2, len(cfg.data.labels))
     if meta is not None and meta.get("task") == task:
         from .pretrained import load_checkpoint
@@ -159,6 +159,8 @@ def _init_from(cfg: TrainConfig):
         if task != "classification" or loaded.model.cfg.n_classes == n_classes:
             model = _with_overrides(loaded.model, _changed_settings(loaded.model.cfg, cfg))
             return model, loaded.tokenizer, meta.get("text_encoding", "qkv"), lineage
+        model = _new_head(loaded, cfg, n_classes)  # a classifier with other labels
+        return model, loaded.tokenizer, meta.get("text_encoding", "hf"), lineage
     if task != "classification":
         found = ("no such folder" if not Path(src).exists() else
                  "a folder that is not a qkv checkpoint" if meta is None else
@@ -167,6 +169,11 @@ def _init_from(cfg: TrainConfig):
                          f"(written by qkv train, average or convert), found {found}")
     model, tok = _pretrained(cfg, n_classes)
     return model, tok, (meta or {}).get("text_encoding", "hf"), lineage
+
+
+def _lineage(meta: dict) -> dict:
+    """The LINEAGE entries of a checkpoint's metadata."""
+    return {k: meta[k] for k in LINEAGE if k in meta}
 
 
 def _checkpoint_metadata(path: str) -> dict | None:
@@ -203,7 +210,6 @@ def _with_overrides(model: torch.nn.Module, changed: dict) -> torch.nn.Module:
 
 def _pretrained(cfg: TrainConfig, n_classes: int):
     """(classifier, tokenizer): a pretrained encoder (qkv.pretrained) with a new head."""
-    from .models import EncoderClassifier
     from .pretrained import load_pretrained
 
     src = cfg.model.init_from
@@ -211,14 +217,21 @@ def _pretrained(cfg: TrainConfig, n_classes: int):
         loaded = load_pretrained(src, n_classes=n_classes)
     except (FileNotFoundError, checkpoint.CheckpointError) as e:
         raise ValueError(f"model.init_from={src!r}: {e}") from None
+    return _new_head(loaded, cfg, n_classes), loaded.tokenizer
+
+
+def _new_head(loaded, cfg: TrainConfig, n_classes: int):
+    """A classifier with `loaded`'s encoder and a fresh head for n_classes labels."""
+    from .models import EncoderClassifier
+
     if not isinstance(loaded.model, EncoderClassifier):
-        raise ValueError(f"model.init_from={src!r}: holds a "
+        raise ValueError(f"model.init_from={cfg.model.init_from!r}: holds a "
                          f"{type(loaded.model).__name__}, not an encoder")
     changed = _changed_settings(loaded.model.cfg, cfg)
     torch.manual_seed(cfg.training.seed)  # the fresh classification head
     model = EncoderClassifier(loaded.model.cfg.replace(n_classes=n_classes, **changed))
     model.encoder.load_state_dict(loaded.model.encoder.state_dict())
-    return model, loaded.tokenizer
+    return model
 
 
 # -------------------------------------------------------------------- checkpoints
@@ -272,7 +285,7 @@ class Trainer:
             self.tok = from_bytes(checkpoint.read_file(resume_from, "tokenizer"))
             meta = checkpoint.read_metadata(resume_from)
             self.text_encoding = meta["text_encoding"]
-            self.lineage = {k: meta[k] for k in LINEAGE if k in meta}
+            self.lineage = _lineage(meta)
         elif cfg.model.init_from:
             self.model, self.tok, self.text_encoding, self.lineage = _init_from(cfg)
             if self.rank == 0:

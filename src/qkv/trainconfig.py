@@ -184,11 +184,10 @@ def _section(name: str, table: dict, base: Path):
         kw[key] = value if key == "overrides" else _check_type(f"{name}.{key}", value,
                                                                 defaults[key])
     if cls is ModelSection and kw.get("init_from"):
-        from .pretrained import PRETRAINED  # a known name stays a name; else a path
-
         if "preset" in kw:
             _fail("model.preset", kw["preset"], "not used with model.init_from, whose "
                   "architecture is kept; remove it")
+        from .pretrained import PRETRAINED  # a known name stays a name; else a path
 
         if kw["init_from"] not in PRETRAINED:
             kw["init_from"] = resolve_path(kw["init_from"], base, "model.init_from")
