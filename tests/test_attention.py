@@ -20,6 +20,7 @@ from qkv import (
     attention,
     attention_probs,
     causal_mask,
+    kernel,
     padding_mask,
     preset,
     record_attention,
@@ -195,7 +196,7 @@ def test_decode_step_feeds_sdpa_unit_stride_head_dims(rows, G, monkeypatch):
     torch.manual_seed(0)
     mha = MultiHeadAttention(32, 4, G).eval()
     cache = KVCache(1, rows, G, 8, 6)
-    with torch.inference_mode():
+    with torch.inference_mode(), kernel.disabled():  # the SDPA path, used without the kernel
         mha(torch.randn(rows, 3, 32), causal=True, cache=cache)  # prefill
         mha(torch.randn(rows, 1, 32), causal=True, cache=cache)  # one decode step
     assert strides and set(strides) == {(1, 1, 1)}

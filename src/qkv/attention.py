@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernel
 from .linear import Linear
 
 # --------------------------------------------------------------------------- masks
@@ -128,6 +129,10 @@ def attention(
         (B, H, T, D). A query row with no key allowed gives zeros.
     """
     _check(q, k, v, mask)
+    if mask is not None and mask.dim() < 2:  # SDPA wants at least (T, S)
+        mask = mask.reshape((1,) * (2 - mask.dim()) + tuple(mask.shape))
+    if kernel.applies(q, k, v, mask, causal, dropout):  # decode steps: csrc/decode_attention.c
+        return kernel.attention(q, k, v, mask)
     (B, H, T, D), G, S = q.shape, k.shape[1], k.shape[2]
     if causal and mask is None and T == S:
         # The fused kernel's own causal path skips masked blocks.

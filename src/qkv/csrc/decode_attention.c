@@ -1,0 +1,179 @@
+/* Attention of a few query rows against a long K/V cache, float32 on the CPU.
+ *
+ * Decode steps and beam search ask softmax(q K^T / sqrt(D)) V for R query rows per
+ * key/value head (R = 1 for MHA, H for MQA, times the beams sharing a source) against S
+ * cached keys. PyTorch runs these as R-row matrix products, far below this CPU's memory
+ * speed when R is 2-64 (docs/benchmarks.md, "Session 6"). Here K is read once and each
+ * row of it is multiplied with all R rows while it sits in L1; V likewise.
+ *
+ * Shapes (letters of attention.py): q and out (B, G, R, D) contiguous; k and v
+ * (B, G, S, D) with any strides but the last (1); keep (B or 1, S) bytes, 1 = may attend,
+ * or NULL. A row with no key allowed gives zeros. Loaded and called by qkv/kernel.py.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+typedef float v8 __attribute__((vector_size(32)));
+
+static inline v8 load8(const float *p) { v8 x; __builtin_memcpy(&x, p, 32); return x; }
+static inline void store8(float *p, v8 x) { __builtin_memcpy(p, &x, 32); }
+static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
+
+static inline float sum8(v8 x) {
+    float s = 0.f;
+    for (int i = 0; i < 8; i++) s += x[i];
+    return s;
+}
+
+/* Lane j of the result is the sum of the lanes of a_j: eight dot products finished at once. */
+static inline v8 sums8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
+#define EVEN(a, b) __builtin_shufflevector(a, b, 0, 8, 2, 10, 4, 12, 6, 14)
+#define ODD(a, b) __builtin_shufflevector(a, b, 1, 9, 3, 11, 5, 13, 7, 15)
+#define LO(a, b) __builtin_shufflevector(a, b, 0, 1, 8, 9, 4, 5, 12, 13)
+#define HI(a, b) __builtin_shufflevector(a, b, 2, 3, 10, 11, 6, 7, 14, 15)
+    v8 x01 = EVEN(a0, a1) + ODD(a0, a1), x23 = EVEN(a2, a3) + ODD(a2, a3);
+    v8 x45 = EVEN(a4, a5) + ODD(a4, a5), x67 = EVEN(a6, a7) + ODD(a6, a7);
+    v8 y0 = LO(x01, x23) + HI(x01, x23), y1 = LO(x45, x67) + HI(x45, x67);
+    return __builtin_shufflevector(y0, y1, 0, 1, 2, 3, 8, 9, 10, 11)
+         + __builtin_shufflevector(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
+/* e^x for x <= 0 (scores minus their maximum), relative error about 2e-7 (Cephes expf). */
+static inline v8 exp8(v8 x) {
+    typedef int32_t i8 __attribute__((vector_size(32)));
+    i8 low = x < splat(-87.f);  /* e^-87 is near float's smallest normal: treat as 0 */
+    v8 n = (x * splat(1.44269504f) + splat(12582912.f)) - splat(12582912.f);  /* round(x / ln 2) */
+    v8 f = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);  /* x - n ln 2 */
+    v8 p = splat(1.9875691500e-4f);
+    p = p * f + splat(1.3981999507e-3f);
+    p = p * f + splat(8.3334519073e-3f);
+    p = p * f + splat(4.1665795894e-2f);
+    p = p * f + splat(1.6666665459e-1f);
+    p = p * f + splat(5.0000001201e-1f);
+    p = p * f * f + f + splat(1.f);
+    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23, pbits;  /* 2^n */
+    v8 scale;
+    __builtin_memcpy(&scale, &bits, 32);
+    p = p * scale;
+    __builtin_memcpy(&pbits, &p, 32);
+    pbits &= ~low;
+    __builtin_memcpy(&p, &pbits, 32);
+    return p;
+}
+
+/* p[r][t] = scale * q[r] . k[t] for the R rows and t in [t0, t1) (a tile that stays in L1). */
+static inline __attribute__((always_inline)) void scores(
+    const float *q, const float *k, long ks, float *p, int R, int S, const int D,
+    float scale, int t0, int t1)
+{
+    const int C = D / 8;
+    for (int r = 0; r < R; r++) {
+        v8 qr[C];
+        for (int c = 0; c < C; c++) qr[c] = load8(q + r * D + 8 * c) * scale;
+        int t = t0;
+        for (; t + 8 <= t1; t += 8) {
+            v8 a[8] = {{0}};
+            const float *kt = k + t * ks;
+            for (int c = 0; c < C; c++)
+                for (int j = 0; j < 8; j++) a[j] += qr[c] * load8(kt + j * ks + 8 * c);
+            store8(p + (long)r * S + t, sums8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]));
+        }
+        for (; t < t1; t++) {
+            v8 a = {0};
+            for (int c = 0; c < C; c++) a += qr[c] * load8(k + t * ks + 8 * c);
+            p[(long)r * S + t] = sum8(a);
+        }
+    }
+}
+
+/* p[t] <- e^(p[t] - max) for allowed keys, 0 for the others; returns the sum (0: no key). */
+static float softmax_numerator(float *p, const uint8_t *keep, int S) {
+    float m = -INFINITY;
+    for (int t = 0; t < S; t++)
+        if (!keep || keep[t]) m = p[t] > m ? p[t] : m;
+    if (m == -INFINITY) return 0.f;
+    if (keep)
+        for (int t = 0; t < S; t++) p[t] = keep[t] ? p[t] : -INFINITY;
+    v8 acc = {0};
+    int t = 0;
+    for (; t + 8 <= S; t += 8) {
+        v8 e = exp8(load8(p + t) - splat(m));
+        store8(p + t, e);
+        acc += e;
+    }
+    float sum = sum8(acc);
+    for (; t < S; t++) {
+        p[t] = p[t] == -INFINITY ? 0.f : expf(p[t] - m);
+        sum += p[t];
+    }
+    return sum;
+}
+
+/* out[r] += sum_t p[r][t] v[t] for t in [t0, t1). */
+static inline __attribute__((always_inline)) void mix(
+    const float *p, const float *v, long vs, float *out, int R, int S, const int D,
+    int t0, int t1)
+{
+    const int C = D / 8;
+    for (int r = 0; r < R; r++) {
+        v8 acc[C];
+        for (int c = 0; c < C; c++) acc[c] = load8(out + r * D + 8 * c);
+        for (int t = t0; t < t1; t++) {
+            v8 w = splat(p[(long)r * S + t]);
+            for (int c = 0; c < C; c++) acc[c] += w * load8(v + t * vs + 8 * c);
+        }
+        for (int c = 0; c < C; c++) store8(out + r * D + 8 * c, acc[c]);
+    }
+}
+
+enum { TILE = 64 };
+
+/* One (batch row, kv head): R query rows against its S keys. p: R * S floats of scratch. */
+static inline __attribute__((always_inline)) void attend(
+    const float *q, const float *k, long ks, const float *v, long vs, const uint8_t *keep,
+    float *out, int R, int S, const int D, float scale, float *p)
+{
+    for (int t0 = 0; t0 < S; t0 += TILE)
+        scores(q, k, ks, p, R, S, D, scale, t0, t0 + TILE < S ? t0 + TILE : S);
+    float inv[R];
+    for (int r = 0; r < R; r++) {
+        float sum = softmax_numerator(p + (long)r * S, keep, S);
+        inv[r] = sum > 0.f ? 1.f / sum : 0.f;  /* no key allowed: zeros */
+    }
+    for (int i = 0; i < R * D; i++) out[i] = 0.f;
+    for (int t0 = 0; t0 < S; t0 += TILE)
+        mix(p, v, vs, out, R, S, D, t0, t0 + TILE < S ? t0 + TILE : S);
+    for (int r = 0; r < R; r++)
+        for (int d = 0; d < D; d++) out[r * D + d] *= inv[r];
+}
+
+/* Returns 0, or 1 when scratch memory could not be had (out is then incomplete). */
+int qkv_decode_attention(
+    const float *q, const float *k, const float *v, const uint8_t *keep, float *out,
+    int B, int G, int R, int S, int D,
+    long kb, long kg, long ks, long vb, long vg, long vs, long keep_b,
+    float scale, int threads)
+{
+    int failed = 0;
+    #pragma omp parallel num_threads(threads) reduction(|:failed)
+    {
+        float *p = malloc(sizeof(float) * (size_t)R * (size_t)S);
+        failed = p == NULL;
+        #pragma omp for schedule(static)
+        for (long i = 0; i < (long)B * G; i++) {
+            if (p == NULL) continue;
+            long b = i / G, g = i % G;
+            const float *qi = q + i * R * D, *ki = k + b * kb + g * kg, *vi = v + b * vb + g * vg;
+            const uint8_t *keep_i = keep ? keep + b * keep_b : NULL;
+            float *oi = out + i * R * D;
+            /* constant D: the vector loops unroll and stay in registers */
+            if (D == 64) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 64, scale, p);
+            else if (D == 128) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 128, scale, p);
+            else if (D == 32) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 32, scale, p);
+            else attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, D, scale, p);
+        }
+        free(p);
+    }
+    return failed;
+}

@@ -1,0 +1,190 @@
+"""A compiled attention for decode steps: a few query rows against a long K/V cache.
+
+PyTorch runs a decode step's attention as matrix products of R rows (R = H // G query
+heads per key/value head, times the beams sharing a source); for R from 2 to 64 its
+kernels run far below this CPU's memory speed, which is what made MQA's decode steps only
+4x faster than MHA's instead of 9x (docs/benchmarks.md, "Session 6"). csrc/decode_attention.c
+reads each cached key and value once for all R rows.
+
+It is built with the system C compiler (`$CC`, default `cc`; GCC >= 12 or clang) the
+first time attention needs it, in about half a second, cached under
+`$QKV_CACHE_DIR` (default `~/.cache/qkv`) and called through ctypes. `attention()` uses it
+only where it applies (`applies`): float32 on the CPU, no gradient, no dropout, one query
+per sequence or a key-only mask, head dim a multiple of 8. Elsewhere, and when it cannot
+be built, PyTorch's SDPA gives the same result to float rounding.
+
+QKV_KERNEL=0 never uses it; QKV_KERNEL=1 makes a failed build an error instead of a
+warning (CI sets it); unset, a failed build warns once and falls back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
+MAX_ROWS = 64  # query rows per (batch row, kv head); beyond, SDPA's products are efficient
+
+_enabled = True  # switched by `disabled()`, for comparisons within one process
+
+
+class KernelUnavailable(RuntimeError):
+    """The kernel could not be built or loaded (QKV_KERNEL=1 makes this an error)."""
+
+
+def _setting() -> str:
+    value = os.environ.get("QKV_KERNEL", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"QKV_KERNEL={value!r} must be 0 (never), 1 (required) or unset (auto)")
+    return value
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("QKV_CACHE_DIR") or Path.home() / ".cache" / "qkv")
+
+
+def _cpu_flags() -> str:
+    """The CPU feature flags: a -march=native library suits only CPUs that have them."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def library_path(cc: str) -> Path:
+    """Where the library built from this source, compiler, flags and CPU is kept."""
+    key = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        key.update(part)
+        key.update(b"\0")
+    return _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
+
+
+def _build(cc: str, target: Path) -> None:
+    """Compile into a temporary file and rename it: concurrent processes never see half a file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise KernelUnavailable(f"could not run the C compiler {cc!r}: {e}") from e
+        if done.returncode != 0:
+            raise KernelUnavailable(
+                f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
+            )
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    fn = lib.qkv_decode_attention
+    p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    fn.argtypes = [p, p, p, p, p, i, i, i, i, i, n, n, n, n, n, n, n, ctypes.c_float, i]
+    fn.restype = i
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The built library, or None (with one warning) when it cannot be had."""
+    cc = os.environ.get("CC", "cc")
+    try:
+        path = library_path(cc)
+        if not path.is_file():
+            _build(cc, path)
+        return _load(path)
+    except (KernelUnavailable, OSError) as e:
+        if _setting() == "1":
+            raise KernelUnavailable(f"QKV_KERNEL=1 but the decode attention kernel is "
+                                    f"unavailable: {e}") from e
+        warnings.warn(
+            f"qkv: the decode attention kernel is unavailable ({e}); decode steps use "
+            "PyTorch's attention, which is slower. QKV_KERNEL=0 skips the kernel and this "
+            "warning.", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def available() -> bool:
+    """Whether attention() may use the kernel here (builds it on the first call)."""
+    return _enabled and _setting() != "0" and _library() is not None
+
+
+@contextmanager
+def disabled():
+    """Attention without the kernel inside the block: for comparisons in one process."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _key_mask(mask: Tensor | None, B: int) -> Tensor | None:
+    """A mask that only selects keys, (B or 1, S) contiguous; None if it depends on the query."""
+    if mask is None:
+        return None
+    m = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))  # (., ., ., S)
+    if m.shape[1] != 1 or m.shape[2] != 1 or m.shape[0] not in (1, B):
+        return None
+    return m[:, 0, 0, :]  # (B or 1, S)
+
+
+def applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
+            dropout: float) -> bool:
+    """Whether the kernel computes this attention call (shapes already checked)."""
+    (B, H, T, D), G = q.shape, k.shape[1]
+    if not _enabled or q.device.type != "cpu" or dropout > 0:
+        return False
+    if any(t.dtype != torch.float32 for t in (q, k, v)):
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return False
+    if D % 8 or D > 256 or (H // G) * T > MAX_ROWS or k.shape[2] == 0:
+        return False
+    if (causal and T > 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
+        return False
+    if mask is not None and (mask.dim() > 4 or _key_mask(mask, B) is None):
+        return False
+    return available()
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> Tensor:
+    """softmax(Q K^T / sqrt(D)) V where `applies`: q (B, H, T, D), k, v (B, G, S, D)."""
+    (B, H, T, D), (G, S) = q.shape, k.shape[1:3]
+    R = (H // G) * T
+    qf = q.reshape(B, G, R, D).contiguous()  # (B, G, R, D): query heads of a group, then time
+    out = torch.empty_like(qf)
+    keep = _key_mask(mask, B)
+    if keep is not None:
+        keep = keep.expand(keep.shape[0], S).contiguous()  # (B or 1, S)
+    failed = _library().qkv_decode_attention(
+        qf.data_ptr(), k.data_ptr(), v.data_ptr(), None if keep is None else keep.data_ptr(),
+        out.data_ptr(), B, G, R, S, D, *k.stride()[:3], *v.stride()[:3],
+        0 if keep is None or keep.shape[0] == 1 else S, D**-0.5, torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"decode attention: no memory for {R} x {S} floats of scratch")
+    return out.view(B, H, T, D)

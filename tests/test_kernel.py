@@ -1,0 +1,203 @@
+"""qkv.kernel: the compiled decode attention against float64 math, where it applies, its build."""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+from contextlib import nullcontext
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from qkv import KVCache, MultiHeadAttention, attention, kernel
+
+A = importlib.import_module("qkv.attention")  # the module; qkv.attention is the function
+
+
+@pytest.fixture(scope="module")
+def built():
+    """Skip when no C compiler can build it, unless QKV_KERNEL=1 (CI) makes that an error."""
+    if os.environ.get("QKV_KERNEL") == "0" or not kernel.available():
+        pytest.skip("the decode attention kernel is unavailable here (QKV_KERNEL=0 or no compiler)")
+
+
+def reference(q, k, v, keep):
+    """Equation (1) in float64 with repeated K/V heads; keep (B or 1, S); empty rows -> 0."""
+    q, k, v = q.double(), k.double(), v.double()
+    R = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(R, 1), v.repeat_interleave(R, 1)
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, H, T, S)
+    if keep is not None:
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    return (scores.softmax(-1).nan_to_num(0.0) @ v).float()
+
+
+def tensors(B, H, G, T, S, D, spare=5, seed=0):
+    """q (B, H, T, D) as the transposed view a projection gives; k, v slices of a longer cache."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g).transpose(1, 2)  # (B, H, T, D), not contiguous
+    k = torch.randn(B, G, S + spare, D, generator=g)[:, :, :S]  # (B, G, S, D) of a cache
+    v = torch.randn(B, G, S + spare, D, generator=g)[:, :, :S]
+    return q, k, v
+
+
+SHAPES = [  # (B, H, G, T, S, D): tails of 8-key blocks and 64-key tiles, every D branch
+    (2, 9, 9, 1, 130, 64),  # MHA
+    (2, 9, 3, 1, 65, 64),  # GQA
+    (3, 9, 1, 1, 200, 64),  # MQA
+    (2, 8, 2, 4, 33, 128),  # four queries per sequence (beams sharing a source)
+    (2, 4, 1, 1, 1, 32),  # one key
+    (1, 6, 2, 1, 9, 24),  # D outside the compiled constants
+    (2, 2, 2, 3, 7, 8),
+    (1, 2, 1, 1, 300, 256),
+]
+
+
+@pytest.mark.parametrize("B,H,G,T,S,D", SHAPES)
+@pytest.mark.parametrize("mask_kind", ["none", "per_row", "shared", "keys_only", "empty_row"])
+def test_kernel_matches_float64_math(built, B, H, G, T, S, D, mask_kind):
+    q, k, v = tensors(B, H, G, T, S, D)
+    g = torch.Generator().manual_seed(1)
+    keep = torch.rand(B, S, generator=g) < 0.7
+    keep[:, -1] = True
+    if mask_kind == "empty_row":
+        keep[0] = False
+    mask = {"none": None, "per_row": keep[:, None, None, :], "shared": keep[:1, None, None, :],
+            "keys_only": keep[0], "empty_row": keep[:, None, None, :]}[mask_kind]
+    assert kernel.applies(q, k, v, mask, False, 0.0)
+    expected_keep = {"none": None, "shared": keep[:1].expand(B, S),
+                     "keys_only": keep[:1].expand(B, S)}.get(mask_kind, keep)
+    out = attention(q, k, v, mask)
+    assert out.shape == (B, H, T, D) and out.dtype == torch.float32
+    assert_close(out, reference(q, k, v, expected_keep), rtol=1e-5, atol=2e-6)
+    if mask_kind == "empty_row":
+        assert out[0].abs().max() == 0
+
+
+def test_kernel_keeps_large_scores_finite(built):
+    """Scores of hundreds: e^(s - max) underflows for most keys, never to NaN or inf."""
+    q, k, v = tensors(2, 4, 1, 1, 100, 64)
+    out = attention(q * 40, k, v)
+    assert torch.isfinite(out).all()
+    assert_close(out, reference(q * 40, k, v, None), rtol=1e-5, atol=2e-6)
+
+
+def test_kernel_equals_sdpa_path_and_is_used(built, monkeypatch):
+    """Same numbers as qkv's SDPA path; with the kernel, SDPA is not called at all."""
+    q, k, v = tensors(4, 8, 2, 1, 70, 32)
+    with kernel.disabled():
+        assert not kernel.applies(q, k, v, None, True, 0.0)
+        expected = attention(q, k, v, causal=True)
+    monkeypatch.setattr(A.F, "scaled_dot_product_attention", None)  # would raise if called
+    assert_close(attention(q, k, v, causal=True), expected, rtol=1e-5, atol=2e-6)
+
+
+def _applies(q, k, v, mask=None, causal=False, dropout=0.0):
+    return kernel.applies(q, k, v, mask, causal, dropout)
+
+
+def test_where_the_kernel_applies(built):
+    q, k, v = tensors(2, 8, 2, 1, 16, 32)
+    assert _applies(q, k, v) and _applies(q, k, v, causal=True)
+    assert not _applies(q, k, v, dropout=0.1)
+    assert not _applies(q.double(), k.double(), v.double())
+    assert not _applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not _applies(q.clone().requires_grad_(), k, v)
+    with torch.no_grad():
+        assert _applies(q.clone().requires_grad_(), k, v)
+    assert not _applies(q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v)  # stride in D
+    q4, k4, v4 = tensors(2, 8, 2, 4, 16, 32)
+    assert _applies(q4, k4, v4) and not _applies(q4, k4, v4, causal=True)  # prefill: SDPA
+    assert not _applies(q4, k4, v4, torch.ones(2, 1, 4, 16, dtype=torch.bool))  # per query
+    assert not _applies(q4, k4, v4, torch.ones(2, 8, 1, 16, dtype=torch.bool))  # per head
+    assert not _applies(*tensors(2, 4, 4, 1, 16, 12))  # D not a multiple of 8
+    assert not _applies(*tensors(1, 32, 1, 4, 16, 8))  # 128 rows per kv head: SDPA
+    with kernel.disabled():
+        assert not _applies(q, k, v)
+
+
+def test_decode_with_cache_matches_without_kernel(built):
+    """MultiHeadAttention decoding from a KV cache, MHA/GQA/MQA: kernel vs SDPA path."""
+    torch.manual_seed(0)
+    for G in (4, 2, 1):
+        mha = MultiHeadAttention(64, 4, G).eval()
+        x = torch.randn(3, 12, 64)
+        outs = []
+        for use in (True, False):
+            cache = KVCache(1, 3, G, 16, 12)
+            with torch.inference_mode(), (nullcontext() if use else kernel.disabled()):
+                mha(x[:, :8], causal=True, cache=cache)
+                outs.append(torch.cat([mha(x[:, t:t + 1], causal=True, cache=cache)
+                                       for t in range(8, 12)], 1))
+        assert_close(outs[0], outs[1], rtol=1e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- build and settings
+
+
+def _fresh(monkeypatch, tmp_path, **env):
+    """A kernel module state with its own cache folder and environment."""
+    monkeypatch.setenv("QKV_CACHE_DIR", str(tmp_path))
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    kernel._library.cache_clear()
+
+
+@pytest.fixture
+def restore_library():
+    yield
+    kernel._library.cache_clear()  # the next test builds (or finds) the real one again
+
+
+def test_missing_compiler_warns_once_and_falls_back(monkeypatch, tmp_path, restore_library):
+    monkeypatch.delenv("QKV_KERNEL", raising=False)
+    _fresh(monkeypatch, tmp_path, CC=str(tmp_path / "no-such-cc"))
+    q, k, v = tensors(2, 4, 1, 1, 10, 8)
+    with pytest.warns(RuntimeWarning, match="no-such-cc.*QKV_KERNEL=0"):
+        assert not kernel.applies(q, k, v, None, False, 0.0)
+    out = attention(q, k, v)  # no second warning: the result is cached
+    assert_close(out, reference(q, k, v, None), rtol=1e-5, atol=2e-6)
+
+
+def test_required_kernel_that_cannot_build_is_an_error(monkeypatch, tmp_path, restore_library):
+    _fresh(monkeypatch, tmp_path, CC=str(tmp_path / "no-such-cc"), QKV_KERNEL="1")
+    with pytest.raises(kernel.KernelUnavailable, match="QKV_KERNEL=1.*no-such-cc"):
+        kernel.available()
+
+
+def test_compiler_errors_are_reported(monkeypatch, tmp_path, restore_library):
+    fake = tmp_path / "cc"
+    fake.write_text("#!/bin/sh\necho 'decode_attention.c:1: error: broken' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    _fresh(monkeypatch, tmp_path, CC=str(fake), QKV_KERNEL="1")
+    with pytest.raises(kernel.KernelUnavailable, match=r"exit 3\):\ndecode_attention.c:1: error"):
+        kernel.available()
+    assert list(tmp_path.glob("*.so")) == []  # no half-written library left behind
+
+
+def test_kernel_setting_zero_and_bad_values(monkeypatch, tmp_path, restore_library):
+    _fresh(monkeypatch, tmp_path, QKV_KERNEL="0", CC=str(tmp_path / "no-such-cc"))
+    q, k, v = tensors(2, 4, 1, 1, 10, 8)
+    assert not kernel.applies(q, k, v, None, False, 0.0)  # no build tried, no warning
+    monkeypatch.setenv("QKV_KERNEL", "yes")
+    with pytest.raises(ValueError, match="QKV_KERNEL='yes' must be 0"):
+        kernel.available()
+
+
+def test_library_is_built_once_and_reused(built, tmp_path):
+    """A second process finds the cached library instead of compiling again."""
+    env = dict(os.environ, QKV_CACHE_DIR=str(tmp_path), QKV_KERNEL="1")
+    env.pop("CC", None)
+    code = "from qkv import kernel; assert kernel.available(); print(kernel.library_path('cc'))"
+    mtimes = []
+    for _ in range(2):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr
+        mtimes.append(os.stat(done.stdout.strip()).st_mtime_ns)
+    assert mtimes[0] == mtimes[1] and len(list(tmp_path.glob("*.so"))) == 1
+    assert kernel.library_path("clang") != kernel.library_path("cc")  # compiler in the key
