@@ -4,13 +4,16 @@ A SmolLM2-shaped cache (30 layers, 9 query heads, head_dim 64, float32), batch 1
 new query token per sequence. For each n_kv_heads (9 MHA, 3 GQA, 1 MQA) and context, these
 run interleaved over all 30 layers:
 
-- qkv: `qkv.attention.attention`, what a decode step calls (fused SDPA; for G < H the
-  query heads of a group are folded into the query axis, so K/V are read once, not copied);
+- qkv: `qkv.attention.attention`, what a decode step calls: the compiled decode attention
+  (qkv/kernel.py) where it can be built;
+- sdpa: the same call with the kernel disabled: PyTorch's fused SDPA (for G < H the query
+  heads of a group folded into the query axis, so K/V are read once, not copied), qkv's
+  path before the kernel existed;
 - matmul: softmax(q K^T / sqrt(D)) V as two batched matmuls and a softmax;
 - enable_gqa: PyTorch's own route, SDPA(q, k, v, enable_gqa=True) on (B, H, 1, D) queries;
 - read: the same K/V slices summed, i.e. what reading them once costs here.
 
-GB/s = K/V bytes of all layers / time, so the four rows of one configuration compare
+GB/s = K/V bytes of all layers / time, so the five rows of one configuration compare
 directly. The question it answers: is a step's attention limited by the bytes it reads
 (then MQA's 9x fewer bytes make it 9x faster) or by the kernels (then it is not).
 """
@@ -34,6 +37,7 @@ from common import (
     write,
 )
 
+from qkv import kernel
 from qkv.attention import attention
 
 LAYERS, H, D, BATCH = 30, 9, 64, 16
@@ -52,7 +56,7 @@ def gqa_attention(q, k, v):
 
 
 def cases(layers: int, batch: int, context: int, G: int):
-    """The four ways, each a closure over `layers` caches with `context` tokens stored."""
+    """The five ways, each a closure over `layers` caches with `context` tokens stored."""
     shape = (batch, G, context + 64, D)  # preallocated like KVCache, one step's worth spare
     ks = [torch.rand(shape)[:, :, :context] for _ in range(layers)]
     vs = [torch.rand(shape)[:, :, :context] for _ in range(layers)]
@@ -65,13 +69,18 @@ def cases(layers: int, batch: int, context: int, G: int):
                 fn(query, k, v)
         return go
 
+    def sdpa(q, k, v):
+        with kernel.disabled():
+            return attention(q, k, v)
+
     # before timing: the SDPA ways agree with the plain matmul form (on the first layer)
     check = matmul_attention(qf, ks[0], vs[0]).reshape(batch, H, 1, D)
-    for name, out in [("qkv", attention(q, ks[0], vs[0])),
+    for name, out in [("qkv", attention(q, ks[0], vs[0])), ("sdpa", sdpa(q, ks[0], vs[0])),
                       ("enable_gqa", gqa_attention(q, ks[0], vs[0]))]:
         torch.testing.assert_close(out, check, rtol=1e-4, atol=1e-5, msg=f"{name} differs")
     fns = {
         "qkv": run(attention, q),
+        "sdpa": run(sdpa, q),
         "matmul": run(matmul_attention, qf),
         "enable_gqa": run(gqa_attention, q),
         "read": run(lambda _, k, v: (k.sum(), v.sum()), q),
@@ -107,7 +116,7 @@ def main() -> None:
         context_line(info, command_line()),
         f"Batch {batch}, {layers} layers, {H} query heads, head_dim {D}, float32, one query "
         f"token per sequence; ms for all layers, median (min-max) of {repeats} after a "
-        "warm-up, the four ways interleaved; GB/s = K/V MB / time; 'x read' = time / the "
+        "warm-up, the five ways interleaved; GB/s = K/V MB / time; 'x read' = time / the "
         "time to sum the same K/V once.",
         table(["context", "kv heads", "way", "K/V MB", "ms", "GB/s", "x read"], body),
     ])

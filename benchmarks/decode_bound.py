@@ -1,12 +1,16 @@
 """Decoding against the memory-bandwidth bound: a SmolLM2-shaped DecoderLM, n_kv_heads 9/3/1.
 
 One decode step reads every weight once and the whole KV cache once, so it cannot be
-faster than (weight bytes + KV bytes) / bandwidth. Random weights; the cache is filled
+faster than (weight bytes + KV bytes) / bandwidth. With --compare-kernel each step also
+runs without qkv's compiled decode attention (qkv/kernel.py), i.e. through PyTorch's SDPA
+as before it existed, interleaved. Random weights; the cache is filled
 with random keys and values up to the context length (a prefill of 2,048 tokens x 16
 sequences would cost minutes and does not change the step being timed).
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from common import (
@@ -24,7 +28,7 @@ from common import (
     write,
 )
 
-from qkv import DecoderLM, KVCache, ModelConfig, count_parameters
+from qkv import DecoderLM, KVCache, ModelConfig, count_parameters, kernel
 
 SMOLLM2 = dict(
     vocab_size=49152, d_model=576, n_heads=9, n_kv_heads=3, n_layers=30, d_ff=1536,
@@ -42,15 +46,17 @@ def filled_cache(model: DecoderLM, batch: int, context: int, steps: int) -> KVCa
     return cache
 
 
-def step_fn(model: DecoderLM, cache: KVCache, context: int, steps: int):
-    """`steps` greedy decode steps from `context` cached tokens, then rewind the cache."""
+def step_fn(model: DecoderLM, cache: KVCache, context: int, steps: int, sdpa: bool = False):
+    """`steps` greedy decode steps from `context` cached tokens, then rewind the cache.
+    sdpa: without the compiled decode attention."""
     token = torch.zeros(cache.batch_size, 1, dtype=torch.long)
 
     @torch.inference_mode()
     def run():
         nonlocal token
-        for _ in range(steps):
-            token = model(token, cache=cache)[:, -1:].argmax(-1)
+        with kernel.disabled() if sdpa else nullcontext():
+            for _ in range(steps):
+                token = model(token, cache=cache)[:, -1:].argmax(-1)
         cache.lengths = [context] * len(cache.lengths)
 
     return run
@@ -62,12 +68,17 @@ def weight_bytes(model: DecoderLM) -> int:
 
 
 def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
-                repeats: int, probe: torch.Tensor) -> list[dict]:
-    """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved."""
+                repeats: int, probe: torch.Tensor, compare_kernel: bool = False) -> list[dict]:
+    """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved; with
+    compare_kernel also each variant without the compiled decode attention."""
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
+    if compare_kernel:
+        fns |= {("sdpa", g): step_fn(m, caches[g], context, steps, sdpa=True)
+                for g, m in models.items()}
     stats = measure({**fns, "probe": probe.sum}, repeats, 1)
     p = stats.pop("probe")
+    sdpa = {g: stats.pop(("sdpa", g)) for g in models if ("sdpa", g) in stats}
     bw = tuple(probe.numel() * 4 / t / 1e9 for t in (p.median, p.max, p.min))  # GB/s
     rows = []
     for g, s in stats.items():
@@ -80,6 +91,10 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
                          bound_ms=moved / bw[0] / 1e6, weight_bytes=weight_bytes(models[g]),
                          kv_bytes_per_token=kv_tok, params=count_parameters(models[g]),
                          vs_mha=stats[cfg.n_heads].median / s.median))
+        if g in sdpa:
+            rows[-1] |= dict(sdpa_step_ms=sdpa[g].scaled(1e3 / steps),
+                             kernel_speedup=sdpa[g].median / s.median,
+                             sdpa_vs_mha=sdpa[cfg.n_heads].median / sdpa[g].median)
     return rows
 
 
@@ -108,6 +123,16 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
              fmt(r["bandwidth_gbs"][0]), fmt(r["bound_ms"]), fmt(r["step_ms"][0] / r["bound_ms"]),
              fmt(r["batch"] / r["step_ms"][0] * 1e3), fmt(r["vs_mha"])] for r in rows]
     kv = sorted({(r["n_kv_heads"], r["kv_bytes_per_token"]) for r in rows}, reverse=True)
+    compared = ""
+    if "sdpa_step_ms" in rows[0]:
+        compared = "\n\n" + "\n\n".join([
+            "The same steps without the compiled decode attention (`kernel.disabled()`: "
+            "PyTorch's SDPA, qkv's path before it), interleaved with the rows above:",
+            table(["kv heads", "batch", "context", "SDPA ms/step", "step/bound",
+                   "kernel speed-up", "speed-up vs MHA"],
+                  [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["sdpa_step_ms"]),
+                    fmt(r["sdpa_step_ms"][0] / r["bound_ms"]), fmt(r["kernel_speedup"]),
+                    fmt(r["sdpa_vs_mha"])] for r in rows])])
     kv_rows = [[g, f"{b:,}", fmt(b / kv[0][1])] for g, b in kv]
     return "\n\n".join([
         "### Decoding against the memory-bandwidth bound",
@@ -124,11 +149,14 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
         f"KV-cache bytes per token per sequence ({dtype}, {layers} layers, "
         f"head_dim {head_dim}):",
         table(["kv heads", "bytes/token", "vs MHA"], kv_rows),
-    ])
+    ]) + compared
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0], dtype=True).parse_args()
+    p = parser(__doc__.splitlines()[0], dtype=True)
+    p.add_argument("--compare-kernel", action="store_true",
+                   help="also time every step without the compiled decode attention")
+    args = p.parse_args()
     out = setup(args)
     info = machine_info()
     base = QUICK if args.quick else SMOLLM2
@@ -142,7 +170,8 @@ def main() -> None:
     rows = []
     for batch in batches:
         for context in contexts:
-            rows += bench_point(models, batch, context, steps, repeats, probe)
+            rows += bench_point(models, batch, context, steps, repeats, probe,
+                                args.compare_kernel)
     name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
     plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg

@@ -29,7 +29,7 @@ from common import (
 from decode_bound import QUICK, SMOLLM2
 from torch import nn
 
-from qkv import DecoderLM, EncoderDecoder, ModelConfig
+from qkv import DecoderLM, EncoderDecoder, ModelConfig, kernel
 from qkv.generate import generate
 from qkv.layers import sinusoidal_table
 from qkv.search import beam_search
@@ -133,7 +133,18 @@ def max_logit_diff_mt(hf, ours, src, tgt) -> float:
     return float((theirs - ours(src, tgt)).abs().max())
 
 
-def lm_fns(hf, ours, prompts: torch.Tensor, new: int):
+NO_KERNEL = "qkv without kernel"
+
+
+def _without_kernel(fn):
+    """fn run with qkv's compiled decode attention turned off (PyTorch's SDPA instead)."""
+    def run():
+        with kernel.disabled():
+            fn()
+    return run
+
+
+def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = False):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     mask = torch.ones_like(prompts)
@@ -147,10 +158,11 @@ def lm_fns(hf, ours, prompts: torch.Tensor, new: int):
     def run_ours():
         generate(ours, lists, new)
 
-    return {"Hugging Face": run_hf, "qkv": run_ours}
+    fns = {"Hugging Face": run_hf, "qkv": run_ours}
+    return fns | ({NO_KERNEL: _without_kernel(run_ours)} if compare_kernel else {})
 
 
-def mt_fns(hf, ours, src: torch.Tensor, out_len: int):
+def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = False):
     hf.generation_config.eos_token_id = 3
     hf.generation_config.forced_eos_token_id = 3  # eos at max_length, as qkv's limit does
     mask = torch.ones_like(src)
@@ -163,7 +175,16 @@ def mt_fns(hf, ours, src: torch.Tensor, out_len: int):
     def run_ours():
         beam_search(ours, src, beam=4, max_len=out_len, min_len=out_len)
 
-    return {"Hugging Face": run_hf, "qkv": run_ours}
+    fns = {"Hugging Face": run_hf, "qkv": run_ours}
+    return fns | ({NO_KERNEL: _without_kernel(run_ours)} if compare_kernel else {})
+
+
+def speedup_cells(stats: dict, name: str) -> list[str]:
+    """HF time / this library's time, wall-clock and CPU; blank for HF itself."""
+    if name == "Hugging Face":
+        return ["", ""]
+    hf, s = stats["Hugging Face"], stats[name]
+    return [fmt(hf.median / s.median), fmt(hf.cpu_median / s.cpu_median)]
 
 
 def lm_section(args, repeats: int) -> tuple[list, dict]:
@@ -180,14 +201,13 @@ def lm_section(args, repeats: int) -> tuple[list, dict]:
     rows, data = [], {"logit_max_abs_diff": diff}
     for batch in (1, 16) if not args.quick else (1, 2):
         prompts = torch.randint(4, cfg["vocab_size"], (batch, prompt))
-        stats = measure(lm_fns(hf, ours, prompts, new), repeats, 1)
+        stats = measure(lm_fns(hf, ours, prompts, new, args.compare_kernel), repeats, 1)
         tps = {k: (batch * new / s.median, batch * new / s.max, batch * new / s.min)
                for k, s in stats.items()}
         ratio = stats["Hugging Face"].median / stats["qkv"].median
         cpu_ratio = stats["Hugging Face"].cpu_median / stats["qkv"].cpu_median
         rows += [[f"LM greedy, batch {batch}", k, fmt_stats(*s.scaled(1)), fmt(s.cpu_median),
-                  fmt_stats(*tps[k]), fmt(ratio) if k == "qkv" else "",
-                  fmt(cpu_ratio) if k == "qkv" else ""] for k, s in stats.items()]
+                  fmt_stats(*tps[k]), *speedup_cells(stats, k)] for k, s in stats.items()]
         data[f"lm_batch{batch}"] = {"tokens_per_s": tps, "ratio": ratio, "cpu_ratio": cpu_ratio,
                                     "stats": {k: s.to_dict() for k, s in stats.items()}}
     return rows, data
@@ -206,20 +226,22 @@ def mt_section(args, repeats: int) -> tuple[list, dict]:
     src = torch.randint(4, cfg.vocab_size, (B, S))
     tgt = torch.cat([torch.full((B, 1), 2), torch.randint(4, cfg.vocab_size, (B, 9))], 1)
     diff = max_logit_diff_mt(hf, ours, src, tgt)
-    stats = measure(mt_fns(hf, ours, src, L), repeats, 1)
+    stats = measure(mt_fns(hf, ours, src, L, args.compare_kernel), repeats, 1)
     tps = {k: (B * L / s.median, B * L / s.max, B * L / s.min) for k, s in stats.items()}
     ratio = stats["Hugging Face"].median / stats["qkv"].median
     cpu_ratio = stats["Hugging Face"].cpu_median / stats["qkv"].cpu_median
     rows = [[f"MT beam 4, {B} sources", k, fmt_stats(*s.scaled(1)), fmt(s.cpu_median),
-             fmt_stats(*tps[k]), fmt(ratio) if k == "qkv" else "",
-             fmt(cpu_ratio) if k == "qkv" else ""] for k, s in stats.items()]
+             fmt_stats(*tps[k]), *speedup_cells(stats, k)] for k, s in stats.items()]
     return rows, {"logit_max_abs_diff": diff, "mt": {
         "tokens_per_s": tps, "ratio": ratio, "cpu_ratio": cpu_ratio,
         "stats": {k: s.to_dict() for k, s in stats.items()}}}
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0], dtype=True).parse_args()
+    p = parser(__doc__.splitlines()[0], dtype=True)
+    p.add_argument("--compare-kernel", action="store_true",
+                   help=f"also run qkv without its compiled decode attention ('{NO_KERNEL}')")
+    args = p.parse_args()
     out = setup(args)
     info = machine_info()
     import transformers
@@ -240,7 +262,10 @@ def main() -> None:
         f"{repeats} after one warm-up, HF and qkv interleaved; tokens/s counts new tokens "
         "over the batch (prefill included). CPU s: the process's CPU seconds per call "
         "(median), which preemption by other jobs does not inflate; the speed-ups are "
-        "HF time / qkv time from wall-clock and from CPU medians.",
+        "HF time / qkv time from wall-clock and from CPU medians."
+        + (f" '{NO_KERNEL}': qkv with `kernel.disabled()`, i.e. PyTorch's SDPA for the "
+           "decode steps' attention, interleaved with the others." if args.compare_kernel
+           else ""),
         table(["task", "library", "wall s", "CPU s", "new tokens/s (wall)",
                "qkv speed-up (wall)", "qkv speed-up (CPU)"], lm_rows + mt_rows),
     ])

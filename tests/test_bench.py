@@ -36,6 +36,14 @@ def test_decode_quick_rows_and_plot(tmp_path):
     assert (tmp_path / "decode_bound.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_decode_compares_with_and_without_the_kernel(tmp_path):
+    assert main(["bench", "decode", "--quick", "--compare-kernel", "--out", str(tmp_path)]) == 0
+    assert "without the compiled decode attention" in (tmp_path / "decode_bound.md").read_text()
+    rows = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
+    for r in rows:
+        assert r["kernel_speedup"] == pytest.approx(r["sdpa_step_ms"][0] / r["step_ms"][0])
+
+
 def test_decode_bfloat16_halves_the_bytes(tmp_path):
     assert main(["bench", "decode", "--quick", "--dtype", "bfloat16", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "decode_bound_bfloat16.md").read_text()
@@ -70,6 +78,9 @@ def test_bench_errors(tmp_path, monkeypatch, capsys):
     assert "--repeats 0 must be >= 1" in capsys.readouterr().err
     assert main(["bench", "machine", "--dtype", "bfloat16"]) == 2
     assert "--dtype bfloat16 applies to decode and hf only, not machine" in capsys.readouterr().err
+    assert main(["bench", "machine", "--compare-kernel"]) == 2
+    assert "--compare-kernel applies to decode and hf only, not machine" in (
+        capsys.readouterr().err)
     monkeypatch.setenv("QKV_BENCHMARKS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="benchmark scripts not found"):
         benchmarks_dir()
@@ -87,6 +98,6 @@ def test_decode_attention_quick_rows_and_agreement(tmp_path):
     assert done.returncode == 0, done.stderr
     rows = json.loads((tmp_path / "decode_attention.json").read_text())["rows"]
     assert {(r["n_kv_heads"], r["way"]) for r in rows} == {
-        (g, w) for g in (9, 3, 1) for w in ("qkv", "matmul", "enable_gqa", "read")}
+        (g, w) for g in (9, 3, 1) for w in ("qkv", "sdpa", "matmul", "enable_gqa", "read")}
     kv = {r["n_kv_heads"]: r["kv_bytes"] for r in rows}
     assert kv[9] == 9 * kv[1] and kv[3] == 3 * kv[1]

@@ -106,6 +106,8 @@ def test_where_the_kernel_applies(built):
     assert not _applies(q, k, v, dropout=0.1)
     assert not _applies(q.double(), k.double(), v.double())
     assert not _applies(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    assert not _applies(q, k.to("meta"), v)  # every tensor on the CPU, not only q
+    assert not _applies(q, k, v, torch.ones(16, dtype=torch.bool, device="meta"))
     assert not _applies(q.clone().requires_grad_(), k, v)
     with torch.no_grad():
         assert _applies(q.clone().requires_grad_(), k, v)

@@ -22,6 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "train_throughput.py",
 }
 WITH_DTYPE = {"decode", "hf"}  # the benchmarks that take --dtype
+WITH_KERNEL_COMPARISON = {"decode", "hf"}  # ... and --compare-kernel
 
 
 def benchmarks_dir() -> Path:
@@ -39,6 +40,8 @@ def script_args(args, name: str) -> list[str]:
     extra = ["--quick"] if args.quick else []
     if args.dtype != "float32" and name in WITH_DTYPE:
         extra += ["--dtype", args.dtype]
+    if args.compare_kernel and name in WITH_KERNEL_COMPARISON:
+        extra += ["--compare-kernel"]
     for flag in ("repeats", "threads"):
         value = getattr(args, flag)
         if value is not None:
@@ -59,6 +62,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--dtype", choices=list(DTYPES), default="float32",
                         help="model dtype for decode and hf (the others run float32)")
+    parser.add_argument("--compare-kernel", action="store_true",
+                        help="decode and hf: also time qkv without its compiled decode "
+                             "attention, interleaved")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 
@@ -69,6 +75,9 @@ def run_bench(args) -> int:
     if args.dtype != "float32" and not WITH_DTYPE & set(names):
         raise ValueError(f"--dtype {args.dtype} applies to {' and '.join(sorted(WITH_DTYPE))} "
                          f"only, not {args.which}")
+    if args.compare_kernel and not WITH_KERNEL_COMPARISON & set(names):
+        raise ValueError("--compare-kernel applies to "
+                         f"{' and '.join(sorted(WITH_KERNEL_COMPARISON))} only, not {args.which}")
     failed = []
     for name in names:
         print(f"== qkv bench {name}", flush=True)

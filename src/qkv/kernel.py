@@ -156,9 +156,11 @@ def applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
             dropout: float) -> bool:
     """Whether the kernel computes this attention call (shapes already checked)."""
     (B, H, T, D), G = q.shape, k.shape[1]
-    if not _enabled or q.device.type != "cpu" or dropout > 0:
+    if not _enabled or dropout > 0:
         return False
-    if any(t.dtype != torch.float32 for t in (q, k, v)):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
+        return False
+    if mask is not None and mask.device.type != "cpu":
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
