@@ -54,6 +54,8 @@ SHAPES = [  # (B, H, G, T, S, D): tails of 8-key blocks and 64-key tiles, every 
     (1, 6, 2, 1, 9, 24),  # D outside the compiled constants
     (2, 2, 2, 3, 7, 8),
     (1, 2, 1, 1, 300, 256),
+    (1, 9, 1, 1, 2000, 64),  # one (row, kv head) pair: keys cut into 4 chunks across threads
+    (1, 8, 2, 1, 1030, 32),  # two pairs, chunks of 258 and 256 keys
 ]
 
 
@@ -76,6 +78,16 @@ def test_kernel_matches_float64_math(built, B, H, G, T, S, D, mask_kind):
     assert_close(out, reference(q, k, v, expected_keep), rtol=1e-5, atol=2e-6)
     if mask_kind == "empty_row":
         assert out[0].abs().max() == 0
+
+
+def test_chunks_with_no_allowed_key_are_merged_correctly(built):
+    """Batch 1 cuts the keys into chunks; a chunk whose keys are all masked adds nothing."""
+    q, k, v = tensors(1, 9, 1, 1, 2048, 64)
+    keep = torch.ones(1, 2048, dtype=torch.bool)
+    keep[0, :1500] = False  # the first chunks entirely masked
+    keep[0, 1600:1700] = False
+    out = attention(q, k, v, keep[:, None, None, :])
+    assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=2e-6)
 
 
 def test_kernel_keeps_large_scores_finite(built):

@@ -62,15 +62,16 @@ static inline v8 exp8(v8 x) {
     return p;
 }
 
-/* p[r][t] = scale * q[r] . k[t] for the R rows and t in [t0, t1) (a tile that stays in L1). */
+/* p[r][t] = q[r] . k[t] for the R rows (q already scaled by 1/sqrt(D)) and t in [t0, t1),
+   a tile of keys that stays in L1 while all R rows use it. */
 static inline __attribute__((always_inline)) void scores(
     const float *q, const float *k, long ks, float *p, int R, int S, const int D,
-    float scale, int t0, int t1)
+    int t0, int t1)
 {
     const int C = D / 8;
     for (int r = 0; r < R; r++) {
         v8 qr[C];
-        for (int c = 0; c < C; c++) qr[c] = load8(q + r * D + 8 * c) * scale;
+        for (int c = 0; c < C; c++) qr[c] = load8(q + r * D + 8 * c);
         int t = t0;
         for (; t + 8 <= t1; t += 8) {
             v8 a[8] = {{0}};
@@ -87,11 +88,13 @@ static inline __attribute__((always_inline)) void scores(
     }
 }
 
-/* p[t] <- e^(p[t] - max) for allowed keys, 0 for the others; returns the sum (0: no key). */
-static float softmax_numerator(float *p, const uint8_t *keep, int S) {
+/* p[t] <- e^(p[t] - max) for allowed keys, 0 for the others; *max <- the max; returns the
+   sum (0, and max -inf, when no key is allowed). */
+static float softmax_numerator(float *p, const uint8_t *keep, int S, float *max) {
     float m = -INFINITY;
     for (int t = 0; t < S; t++)
         if (!keep || keep[t]) m = p[t] > m ? p[t] : m;
+    *max = m;
     if (m == -INFINITY) return 0.f;
     if (keep)
         for (int t = 0; t < S; t++) p[t] = keep[t] ? p[t] : -INFINITY;
@@ -127,25 +130,50 @@ static inline __attribute__((always_inline)) void mix(
     }
 }
 
-enum { TILE = 64 };
+enum { TILE = 64, MIN_CHUNK = 256 };
 
-/* One (batch row, kv head): R query rows against its S keys. p: R * S floats of scratch. */
+/* R query rows against S keys of one (batch row, kv head), or against one chunk of them:
+   out (R, D) <- sum_t e^(s_t - m) v_t, m[r] <- the rows' maximum score, l[r] <- sum_t
+   e^(s_t - m): the softmax not yet divided by l, so chunks can be merged (`combine`).
+   No key allowed: m = -inf, l = 0, out = 0. p: R * S floats of scratch. */
 static inline __attribute__((always_inline)) void attend(
     const float *q, const float *k, long ks, const float *v, long vs, const uint8_t *keep,
-    float *out, int R, int S, const int D, float scale, float *p)
+    float *out, float *m, float *l, int R, int S, const int D, float *p)
 {
     for (int t0 = 0; t0 < S; t0 += TILE)
-        scores(q, k, ks, p, R, S, D, scale, t0, t0 + TILE < S ? t0 + TILE : S);
-    float inv[R];
-    for (int r = 0; r < R; r++) {
-        float sum = softmax_numerator(p + (long)r * S, keep, S);
-        inv[r] = sum > 0.f ? 1.f / sum : 0.f;  /* no key allowed: zeros */
-    }
+        scores(q, k, ks, p, R, S, D, t0, t0 + TILE < S ? t0 + TILE : S);
+    for (int r = 0; r < R; r++) l[r] = softmax_numerator(p + (long)r * S, keep, S, m + r);
     for (int i = 0; i < R * D; i++) out[i] = 0.f;
     for (int t0 = 0; t0 < S; t0 += TILE)
         mix(p, v, vs, out, R, S, D, t0, t0 + TILE < S ? t0 + TILE : S);
-    for (int r = 0; r < R; r++)
-        for (int d = 0; d < D; d++) out[r * D + d] *= inv[r];
+}
+
+/* out (R, D) = the softmax-weighted sum over n chunks' parts (R, D) with their m, l. */
+static void combine(const float *parts, const float *m, const float *l, int n, int R, int D,
+                    float *out)
+{
+    for (int r = 0; r < R; r++) {
+        float top = -INFINITY, total = 0.f;
+        for (int j = 0; j < n; j++) top = m[j * R + r] > top ? m[j * R + r] : top;
+        for (int d = 0; d < D; d++) out[r * D + d] = 0.f;
+        if (top == -INFINITY) continue;  /* no key allowed: zeros */
+        for (int j = 0; j < n; j++) {
+            if (l[j * R + r] == 0.f) continue;
+            float w = expf(m[j * R + r] - top);
+            total += w * l[j * R + r];
+            for (int d = 0; d < D; d++) out[r * D + d] += w * parts[((long)j * R + r) * D + d];
+        }
+        for (int d = 0; d < D; d++) out[r * D + d] /= total;
+    }
+}
+
+/* The chunks S is cut into: with fewer (batch row, kv head) pairs than about 4 per thread
+   (batch 1, MQA) the keys are split too, as in flash-decoding, so that every thread reads
+   part of the cache; never below MIN_CHUNK keys a chunk. */
+static int chunks(long pairs, int S, int threads) {
+    int n = 1;
+    while (pairs * n < 4L * threads && S >= 2L * n * MIN_CHUNK) n *= 2;
+    return n;
 }
 
 /* Returns 0, or 1 when scratch memory could not be had (out is then incomplete). */
@@ -155,25 +183,44 @@ int qkv_decode_attention(
     long kb, long kg, long ks, long vb, long vg, long vs, long keep_b,
     float scale, int threads)
 {
+    long pairs = (long)B * G, rows = pairs * R;
+    int n = chunks(pairs, S, threads), span = (S + n - 1) / n;
+    /* the scaled queries, then per (pair, chunk): parts (R, D), m (R), l (R) */
+    float *qs = malloc(sizeof(float) * (size_t)(rows * D + pairs * n * R * (D + 2)));
+    if (qs == NULL) return 1;
+    float *parts = qs + rows * D, *m = parts + pairs * n * R * D, *l = m + pairs * n * R;
+    for (long i = 0; i < rows * D; i++) qs[i] = q[i] * scale;
     int failed = 0;
     #pragma omp parallel num_threads(threads) reduction(|:failed)
     {
-        float *p = malloc(sizeof(float) * (size_t)R * (size_t)S);
+        float *p = malloc(sizeof(float) * (size_t)R * (size_t)span);
         failed = p == NULL;
         #pragma omp for schedule(static)
-        for (long i = 0; i < (long)B * G; i++) {
+        for (long w = 0; w < pairs * n; w++) {
             if (p == NULL) continue;
-            long b = i / G, g = i % G;
-            const float *qi = q + i * R * D, *ki = k + b * kb + g * kg, *vi = v + b * vb + g * vg;
-            const uint8_t *keep_i = keep ? keep + b * keep_b : NULL;
-            float *oi = out + i * R * D;
+            long i = w / n, b = i / G, g = i % G;
+            int t0 = (int)(w % n) * span, len = S - t0 < span ? S - t0 : span;
+            if (len <= 0) {  /* an empty last chunk */
+                for (int r = 0; r < R; r++) { m[w * R + r] = -INFINITY; l[w * R + r] = 0.f; }
+                for (int x = 0; x < R * D; x++) parts[w * R * D + x] = 0.f;
+                continue;
+            }
+            const float *qi = qs + i * R * D;
+            const float *ki = k + b * kb + g * kg + t0 * ks, *vi = v + b * vb + g * vg + t0 * vs;
+            const uint8_t *keep_i = keep ? keep + b * keep_b + t0 : NULL;
+            float *pw = parts + w * R * D, *mw = m + w * R, *lw = l + w * R;
             /* constant D: the vector loops unroll and stay in registers */
-            if (D == 64) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 64, scale, p);
-            else if (D == 128) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 128, scale, p);
-            else if (D == 32) attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, 32, scale, p);
-            else attend(qi, ki, ks, vi, vs, keep_i, oi, R, S, D, scale, p);
+            if (D == 64) attend(qi, ki, ks, vi, vs, keep_i, pw, mw, lw, R, len, 64, p);
+            else if (D == 128) attend(qi, ki, ks, vi, vs, keep_i, pw, mw, lw, R, len, 128, p);
+            else if (D == 32) attend(qi, ki, ks, vi, vs, keep_i, pw, mw, lw, R, len, 32, p);
+            else attend(qi, ki, ks, vi, vs, keep_i, pw, mw, lw, R, len, D, p);
         }
         free(p);
+        #pragma omp barrier
+        #pragma omp for schedule(static)
+        for (long i = 0; i < pairs; i++)
+            combine(parts + i * n * R * D, m + i * n * R, l + i * n * R, n, R, D, out + i * R * D);
     }
+    free(qs);
     return failed;
 }
