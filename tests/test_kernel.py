@@ -90,6 +90,103 @@ def test_chunks_with_no_allowed_key_are_merged_correctly(built):
     assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_result_does_not_depend_on_threads(built, threads):
+    """The key chunks depend on the thread count; the result must not."""
+    before = torch.get_num_threads()
+    q, k, v = tensors(1, 8, 2, 1, 1030, 32)
+    try:
+        torch.set_num_threads(threads)
+        out = attention(q, k, v)
+    finally:
+        torch.set_num_threads(before)
+    assert_close(out, reference(q, k, v, None), rtol=1e-5, atol=2e-6)
+
+
+def _sdpa_path(q, k, v, mask=None):
+    with kernel.disabled():
+        return attention(q, k, v, mask)
+
+
+@pytest.mark.parametrize("S", [40, 2048])  # one chunk; chunks at batch 1
+def test_nan_and_inf_inputs_give_what_sdpa_gives(built, S):
+    q, k, v = tensors(1, 4, 1, 1, S, 8)
+    q[0, :, :, 0] = torch.tensor([1.0, 1.0, 1.0, -1.0])[:, None]
+    q[0, 1] = float("nan")  # a NaN query row: NaN
+    k[0, 0, 7, 0] = -float("inf")  # key 7: score -inf for heads 0 and 2 (weight 0) ...
+    k[0, 0, 7, 1:] = 0  # ... and +inf for head 3 (NaN, as SDPA gives)
+    out = attention(q, k, v)
+    assert out[0, 1].isnan().all() and out[0, 3].isnan().all()
+    assert out[0, 0].isfinite().all() and out[0, 2].isfinite().all()
+    assert_close(out, _sdpa_path(q, k, v), rtol=1e-5, atol=2e-6, equal_nan=True)
+    q, k, v = tensors(1, 2, 1, 1, S, 8)
+    k[0, 0, : S // 2] = float("nan")  # NaN keys in the first chunk only
+    assert attention(q, k, v).isnan().all() and _sdpa_path(q, k, v).isnan().all()
+
+
+def test_all_scores_minus_inf_give_what_sdpa_gives(built):
+    """SDPA on the CPU gives zeros where every score is -inf; so does the kernel."""
+    q = torch.ones(1, 2, 1, 8)
+    k = torch.full((1, 1, 2048, 8), -float("inf"))
+    v = torch.randn(1, 1, 2048, 8)
+    assert_close(attention(q, k, v), _sdpa_path(q, k, v))
+    assert attention(q, k, v).abs().max() == 0
+    k[0, 0, 1500:] = torch.randn(548, 8)  # finite scores in the last chunk only
+    out = attention(q, k, v)
+    assert out.isfinite().all()
+    assert_close(out, _sdpa_path(q, k, v), rtol=1e-5, atol=2e-6)
+
+
+def test_other_layouts_of_k_and_v(built):
+    """K/V as (B, S, G, D) transposed (a projection's view) and as stride-0 expansions."""
+    q, _, _ = tensors(2, 8, 2, 1, 50, 16)
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(2, 50, 2, 16, generator=g).transpose(1, 2)  # (B, G, S, D)
+    v = torch.randn(2, 50, 2, 16, generator=g).transpose(1, 2)
+    assert kernel.applies(q, k, v, None, False, 0.0)
+    assert_close(attention(q, k, v), reference(q, k, v, None), rtol=1e-5, atol=2e-6)
+    k1, v1 = k[:1].expand(2, -1, -1, -1), v[:, :1].expand(-1, 2, -1, -1)  # stride 0
+    assert_close(attention(q, k1, v1), reference(q, k1, v1, None), rtol=1e-5, atol=2e-6)
+
+
+def test_beams_sharing_cross_attention_keys(built):
+    """MultiHeadAttention folds 4 beams per source into query rows: kernel vs SDPA path."""
+    torch.manual_seed(0)
+    for G in (4, 1):
+        mha = MultiHeadAttention(32, 4, G).eval()
+        memory, x = torch.randn(3, 11, 32), torch.randn(12, 1, 32)  # 3 sources, 4 beams each
+        mask = torch.rand(3, 1, 1, 11) > 0.3
+        mask[..., 0] = True
+        with torch.inference_mode():
+            out = mha(x, memory, mask=mask)
+            with kernel.disabled():
+                expected = mha(x, memory, mask=mask)
+        assert_close(out, expected, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.filterwarnings("ignore")  # tracer and vmap fallback warnings
+def test_tracing_and_transforms_do_not_use_the_kernel(built):
+    """The C call is invisible to torch.jit.trace, vmap and forward-mode AD: SDPA there."""
+    q, k, v = tensors(2, 4, 1, 1, 30, 8)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    with torch.no_grad():
+        traced = torch.jit.trace(lambda q, k, v: attention(q, k, v), (q, k, v))
+    q2, k2, v2 = tensors(2, 4, 1, 1, 30, 8, seed=5)
+    q2, k2, v2 = q2.contiguous(), k2.contiguous(), v2.contiguous()
+    assert_close(traced(q2, k2, v2), reference(q2, k2, v2, None), rtol=1e-5, atol=2e-6)
+    batched = torch.vmap(lambda q: attention(q, k, v))(q[None].expand(3, -1, -1, -1, -1))
+    assert_close(batched[1], reference(q, k, v, None), rtol=1e-5, atol=2e-6)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        assert not kernel.applies(fwAD.make_dual(q, torch.ones_like(q)), k, v, None, False, 0.0)
+
+
+def test_zero_head_dim_is_left_to_sdpa(built):
+    q, k, v = torch.zeros(2, 4, 1, 0), torch.zeros(2, 1, 5, 0), torch.zeros(2, 1, 5, 0)
+    assert not kernel.applies(q, k, v, None, False, 0.0)
+
+
 def test_kernel_keeps_large_scores_finite(built):
     """Scores of hundreds: e^(s - max) underflows for most keys, never to NaN or inf."""
     q, k, v = tensors(2, 4, 1, 1, 100, 64)
@@ -214,4 +311,8 @@ def test_library_is_built_once_and_reused(built, tmp_path):
         assert done.returncode == 0, done.stderr
         mtimes.append(os.stat(done.stdout.strip()).st_mtime_ns)
     assert mtimes[0] == mtimes[1] and len(list(tmp_path.glob("*.so"))) == 1
+    mode = next(tmp_path.glob("*.so")).stat().st_mode
+    umask = os.umask(0)
+    os.umask(umask)
+    assert mode & 0o777 == 0o755 & ~umask  # readable by others unless the umask says not
     assert kernel.library_path("clang") != kernel.library_path("cc")  # compiler in the key

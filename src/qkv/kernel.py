@@ -9,9 +9,10 @@ reads each cached key and value once for all R rows.
 It is built with the system C compiler (`$CC`, default `cc`; GCC >= 12 or clang) the
 first time attention needs it, in about half a second, cached under
 `$QKV_CACHE_DIR` (default `~/.cache/qkv`) and called through ctypes. `attention()` uses it
-only where it applies (`applies`): float32 on the CPU, no gradient, no dropout, one query
-per sequence or a key-only mask, head dim a multiple of 8. Elsewhere, and when it cannot
-be built, PyTorch's SDPA gives the same result to float rounding.
+only where it applies (`applies`): plain float32 CPU tensors, no gradient, no dropout, no
+tracing or functorch transform; T == 1 if causal; a mask, if any, that selects keys only;
+head dim a multiple of 8 up to 256; at most MAX_ROWS query rows per K/V head. Elsewhere,
+and when it cannot be built, PyTorch's SDPA gives the same result to float rounding.
 
 QKV_KERNEL=0 never uses it; QKV_KERNEL=1 makes a failed build an error instead of a
 warning (CI sets it); unset, a failed build warns once and falls back.
@@ -66,11 +67,21 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+@functools.cache
+def _compiler_version(cc: str) -> str:
+    try:
+        done = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+        return done.stdout.split("\n", 1)[0]
+    except (OSError, subprocess.TimeoutExpired):
+        return ""  # no compiler: the build reports it
+
+
 def library_path(cc: str) -> Path:
-    """Where the library built from this source, compiler, flags and CPU is kept."""
+    """Where the library built from this source, compiler (and its version), flags and
+    CPU is kept."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), " ".join(FLAGS).encode(),
-                 platform.machine().encode(), _cpu_flags().encode()):
+    for part in (SOURCE.read_bytes(), cc.encode(), _compiler_version(cc).encode(),
+                 " ".join(FLAGS).encode(), platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
     return _cache_dir() / f"decode_attention-{key.hexdigest()[:16]}.so"
@@ -91,6 +102,9 @@ def _build(cc: str, target: Path) -> None:
             raise KernelUnavailable(
                 f"`{' '.join(cmd)}` failed (exit {done.returncode}):\n{done.stderr[-2000:]}"
             )
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o755 & ~umask)  # mkstemp's 0o600 would hide it from other users
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -114,7 +128,11 @@ def _library() -> ctypes.CDLL | None:
         path = library_path(cc)
         if not path.is_file():
             _build(cc, path)
-        return _load(path)
+        try:
+            return _load(path)
+        except OSError:  # a damaged or foreign file under our name: build it once more
+            _build(cc, path)
+            return _load(path)
     except (KernelUnavailable, OSError) as e:
         if _setting() == "1":
             raise KernelUnavailable(f"QKV_KERNEL=1 but the decode attention kernel is "
@@ -152,19 +170,36 @@ def _key_mask(mask: Tensor | None, B: int) -> Tensor | None:
     return m[:, 0, 0, :]  # (B or 1, S)
 
 
+def _plain(t: Tensor) -> bool:
+    """A float32 CPU tensor with real memory, seen by no transform: ctypes reads its data
+    pointer, which tracing, vmap, forward-mode AD and fake tensors would not see or lack."""
+    return (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
+            and t.layout == torch.strided and not _functorch_wrapped(t))
+
+
+# vmap's and grad's wrappers (private API; if it goes, type(t) still rules out subclasses)
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                             lambda t: False)
+
+
+def _transformed() -> bool:
+    """Inside torch.jit.trace or a forward-mode AD level: the C call would be invisible."""
+    return torch.jit.is_tracing() or torch.autograd.forward_ad._current_level >= 0
+
+
 def applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
             dropout: float) -> bool:
     """Whether the kernel computes this attention call (shapes already checked)."""
     (B, H, T, D), G = q.shape, k.shape[1]
-    if not _enabled or dropout > 0:
+    if not _enabled or dropout > 0 or _transformed():
         return False
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v)):
+    if not all(_plain(t) for t in (q, k, v)):
         return False
-    if mask is not None and mask.device.type != "cpu":
+    if mask is not None and (type(mask) is not torch.Tensor or mask.device.type != "cpu"):
         return False
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         return False
-    if D % 8 or D > 256 or (H // G) * T > MAX_ROWS or k.shape[2] == 0:
+    if D == 0 or D % 8 or D > 256 or (H // G) * T > MAX_ROWS or k.shape[2] == 0:
         return False
     if (causal and T > 1) or k.stride(-1) != 1 or v.stride(-1) != 1:
         return False

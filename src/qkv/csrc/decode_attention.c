@@ -39,10 +39,23 @@ static inline v8 sums8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
          + __builtin_shufflevector(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-/* e^x for x <= 0 (scores minus their maximum), relative error about 2e-7 (Cephes expf). */
+static inline v8 max8(v8 a, v8 b) {  /* lane-wise a > b ? a : b */
+    typedef int32_t i8 __attribute__((vector_size(32)));
+    i8 pick = a > b, ia, ib, r;
+    __builtin_memcpy(&ia, &a, 32);
+    __builtin_memcpy(&ib, &b, 32);
+    r = (pick & ia) | (~pick & ib);
+    v8 out;
+    __builtin_memcpy(&out, &r, 32);
+    return out;
+}
+
+/* e^x for x <= 0 or -inf (scores minus their maximum; no NaN), relative error about 2e-7
+   (Cephes expf). */
 static inline v8 exp8(v8 x) {
     typedef int32_t i8 __attribute__((vector_size(32)));
     i8 low = x < splat(-87.f);  /* e^-87 is near float's smallest normal: treat as 0 */
+    x = max8(x, splat(-88.f));  /* keeps the float -> int conversion below defined */
     v8 n = (x * splat(1.44269504f) + splat(12582912.f)) - splat(12582912.f);  /* round(x / ln 2) */
     v8 f = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);  /* x - n ln 2 */
     v8 p = splat(1.9875691500e-4f);
@@ -89,13 +102,27 @@ static inline __attribute__((always_inline)) void scores(
 }
 
 /* p[t] <- e^(p[t] - max) for allowed keys, 0 for the others; *max <- the max; returns the
-   sum (0, and max -inf, when no key is allowed). */
+   sum. As PyTorch's SDPA on the CPU treats a row: no key allowed, or every allowed score
+   -inf, gives 0 (max -inf; the caller writes zeros); a NaN or +inf score gives NaN. */
 static float softmax_numerator(float *p, const uint8_t *keep, int S, float *max) {
     float m = -INFINITY;
+    int allowed = 0;
     for (int t = 0; t < S; t++)
-        if (!keep || keep[t]) m = p[t] > m ? p[t] : m;
+        if (!keep || keep[t]) {
+            allowed = 1;
+            m = p[t] > m || p[t] != p[t] ? p[t] : m;  /* NaN stays NaN */
+            if (m != m) break;
+        }
+    if (!allowed || m == -INFINITY) {
+        *max = -INFINITY;
+        return 0.f;
+    }
+    if (m != m || m == INFINITY) {  /* e^(inf - inf): NaN, as SDPA gives */
+        for (int t = 0; t < S; t++) p[t] = NAN;
+        *max = NAN;
+        return NAN;
+    }
     *max = m;
-    if (m == -INFINITY) return 0.f;
     if (keep)
         for (int t = 0; t < S; t++) p[t] = keep[t] ? p[t] : -INFINITY;
     v8 acc = {0};
@@ -154,11 +181,16 @@ static void combine(const float *parts, const float *m, const float *l, int n, i
 {
     for (int r = 0; r < R; r++) {
         float top = -INFINITY, total = 0.f;
-        for (int j = 0; j < n; j++) top = m[j * R + r] > top ? m[j * R + r] : top;
+        for (int j = 0; j < n; j++)
+            top = m[j * R + r] > top || m[j * R + r] != m[j * R + r] ? m[j * R + r] : top;
+        if (top != top) {  /* a chunk's softmax was undefined: NaN, as SDPA gives */
+            for (int d = 0; d < D; d++) out[r * D + d] = NAN;
+            continue;
+        }
         for (int d = 0; d < D; d++) out[r * D + d] = 0.f;
-        if (top == -INFINITY) continue;  /* no key allowed: zeros */
+        if (top == -INFINITY) continue;  /* no key allowed (or only -inf scores): zeros */
         for (int j = 0; j < n; j++) {
-            if (l[j * R + r] == 0.f) continue;
+            if (l[j * R + r] == 0.f) continue;  /* a chunk with no key to add */
             float w = expf(m[j * R + r] - top);
             total += w * l[j * R + r];
             for (int d = 0; d < D; d++) out[r * D + d] += w * parts[((long)j * R + r) * D + d];
@@ -216,8 +248,7 @@ int qkv_decode_attention(
             else attend(qi, ki, ks, vi, vs, keep_i, pw, mw, lw, R, len, D, p);
         }
         free(p);
-        #pragma omp barrier
-        #pragma omp for schedule(static)
+        #pragma omp for schedule(static)  /* after the implicit barrier of the loop above */
         for (long i = 0; i < pairs; i++)
             combine(parts + i * n * R * D, m + i * n * R, l + i * n * R, n, R, D, out + i * R * D);
     }
