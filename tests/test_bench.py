@@ -101,3 +101,17 @@ def test_decode_attention_quick_rows_and_agreement(tmp_path):
         (g, w) for g in (9, 3, 1) for w in ("qkv", "sdpa", "matmul", "enable_gqa", "read")}
     kv = {r["n_kv_heads"]: r["kv_bytes"] for r in rows}
     assert kv[9] == 9 * kv[1] and kv[3] == 3 * kv[1]
+
+
+def test_hf_quick_with_and_without_the_kernel(tmp_path):
+    """hf.py on tiny models: same logits as Hugging Face, and the no-kernel rows."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "hf.py"), "--quick", "--compare-kernel",
+                           "--threads", "1", "--out", str(tmp_path)], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+    data = json.loads((tmp_path / "hf.json").read_text())
+    assert data["lm"]["logit_max_abs_diff"] < 1e-4 and data["mt"]["logit_max_abs_diff"] < 1e-4
+    assert set(data["mt"]["mt"]["stats"]) == {"Hugging Face", "qkv", "qkv without kernel"}
+    assert "| qkv without kernel |" in (tmp_path / "hf.md").read_text()
