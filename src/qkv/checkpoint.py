@@ -99,6 +99,12 @@ def save(model: nn.Module, directory: str | os.PathLike, *, files: dict[str, byt
     return directory
 
 
+def is_complete(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds a checkpoint whose save finished (the manifest is written
+    last, so a crash mid-save leaves none). Says nothing of whether it loads."""
+    return (Path(directory) / MANIFEST).is_file()
+
+
 def _check_file_keys(files: dict[str, bytes]) -> None:
     for key in files:
         if key == "weights":

@@ -178,7 +178,7 @@ def _lineage(meta: dict) -> dict:
 
 def _checkpoint_metadata(path: str) -> dict | None:
     """A qkv checkpoint folder's metadata, or None if `path` is not one."""
-    if not (Path(path) / checkpoint.MANIFEST).is_file():
+    if not checkpoint.is_complete(path):
         return None
     return checkpoint.read_metadata(path)
 
@@ -241,7 +241,7 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     """Complete checkpoints of a run, oldest first (a crash mid-save leaves no manifest)."""
     run_dir = Path(run_dir)
     found = sorted(p for p in run_dir.glob(f"{CKPT_PREFIX}*")
-                   if p.is_dir() and (p / checkpoint.MANIFEST).is_file())
+                   if p.is_dir() and checkpoint.is_complete(p))
     return found
 
 
@@ -518,7 +518,7 @@ def average_checkpoints(paths: list[Path], out: str | os.PathLike) -> Path:
 
 
 def _average_inputs(paths: list[str], last: int) -> list[Path]:
-    if len(paths) == 1 and not (Path(paths[0]) / checkpoint.MANIFEST).is_file():
+    if len(paths) == 1 and not checkpoint.is_complete(paths[0]):
         found = checkpoints(paths[0])
         if not found:
             raise FileNotFoundError(f"{paths[0]}: neither a checkpoint nor a run folder "
