@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from contextlib import nullcontext
 
 import pytest
@@ -229,6 +230,21 @@ def test_where_the_kernel_applies(built):
     assert not _applies(*tensors(1, 32, 1, 4, 16, 8))  # 128 rows per kv head: SDPA
     with kernel.disabled():
         assert not _applies(q, k, v)
+
+
+def test_disabled_is_per_thread(built):
+    """kernel.disabled() in one thread leaves the kernel on in another, and nests."""
+    q, k, v = tensors(2, 4, 2, 1, 16, 8)
+    seen = {}
+    with kernel.disabled():
+        other = threading.Thread(target=lambda: seen.update(other=_applies(q, k, v)))
+        other.start()
+        other.join()
+        with kernel.disabled():
+            pass
+        seen["here"] = _applies(q, k, v)
+    seen["after"] = _applies(q, k, v)
+    assert seen == {"other": True, "here": False, "after": True}
 
 
 def test_decode_with_cache_matches_without_kernel(built):

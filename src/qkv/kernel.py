@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import tempfile
+import threading
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -38,7 +39,7 @@ SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_ROWS = 64  # query rows per (batch row, kv head); beyond, SDPA's products are efficient
 
-_enabled = True  # switched by `disabled()`, for comparisons within one process
+_switch = threading.local()  # .off: set by `disabled()` in this thread only
 
 
 class KernelUnavailable(RuntimeError):
@@ -146,18 +147,22 @@ def _library() -> ctypes.CDLL | None:
 
 def available() -> bool:
     """Whether attention() may use the kernel here (builds it on the first call)."""
-    return _enabled and _setting() != "0" and _library() is not None
+    return _on() and _setting() != "0" and _library() is not None
+
+
+def _on() -> bool:
+    return not getattr(_switch, "off", False)
 
 
 @contextmanager
 def disabled():
-    """Attention without the kernel inside the block: for comparisons in one process."""
-    global _enabled
-    before, _enabled = _enabled, False
+    """Attention without the kernel inside the block, in this thread (others keep it):
+    for comparisons in one process."""
+    before, _switch.off = getattr(_switch, "off", False), True
     try:
         yield
     finally:
-        _enabled = before
+        _switch.off = before
 
 
 def _key_mask(mask: Tensor | None, B: int) -> Tensor | None:
@@ -191,7 +196,7 @@ def applies(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, causal: bool,
             dropout: float) -> bool:
     """Whether the kernel computes this attention call (shapes already checked)."""
     (B, H, T, D), G = q.shape, k.shape[1]
-    if not _enabled or dropout > 0 or _transformed():
+    if not _on() or dropout > 0 or _transformed():
         return False
     if not all(_plain(t) for t in (q, k, v)):
         return False
