@@ -10,8 +10,6 @@ sequences would cost minutes and does not change the step being timed).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 from common import (
     DTYPES,
@@ -46,17 +44,15 @@ def filled_cache(model: DecoderLM, batch: int, context: int, steps: int) -> KVCa
     return cache
 
 
-def step_fn(model: DecoderLM, cache: KVCache, context: int, steps: int, sdpa: bool = False):
-    """`steps` greedy decode steps from `context` cached tokens, then rewind the cache.
-    sdpa: without the compiled decode attention."""
+def step_fn(model: DecoderLM, cache: KVCache, context: int, steps: int):
+    """`steps` greedy decode steps from `context` cached tokens, then rewind the cache."""
     token = torch.zeros(cache.batch_size, 1, dtype=torch.long)
 
     @torch.inference_mode()
     def run():
         nonlocal token
-        with kernel.disabled() if sdpa else nullcontext():
-            for _ in range(steps):
-                token = model(token, cache=cache)[:, -1:].argmax(-1)
+        for _ in range(steps):
+            token = model(token, cache=cache)[:, -1:].argmax(-1)
         cache.lengths = [context] * len(cache.lengths)
 
     return run
@@ -74,7 +70,7 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
     if compare_kernel:
-        fns |= {("sdpa", g): step_fn(m, caches[g], context, steps, sdpa=True)
+        fns |= {("sdpa", g): kernel.disabled()(step_fn(m, caches[g], context, steps))
                 for g, m in models.items()}
     stats = measure({**fns, "probe": probe.sum}, repeats, 1)
     p = stats.pop("probe")

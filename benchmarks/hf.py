@@ -133,15 +133,7 @@ def max_logit_diff_mt(hf, ours, src, tgt) -> float:
     return float((theirs - ours(src, tgt)).abs().max())
 
 
-NO_KERNEL = "qkv without kernel"
-
-
-def _without_kernel(fn):
-    """fn run with qkv's compiled decode attention turned off (PyTorch's SDPA instead)."""
-    def run():
-        with kernel.disabled():
-            fn()
-    return run
+NO_KERNEL = "qkv without kernel"  # qkv with kernel.disabled(): PyTorch's SDPA instead
 
 
 def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = False):
@@ -159,7 +151,7 @@ def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = Fal
         generate(ours, lists, new)
 
     fns = {"Hugging Face": run_hf, "qkv": run_ours}
-    return fns | ({NO_KERNEL: _without_kernel(run_ours)} if compare_kernel else {})
+    return fns | ({NO_KERNEL: kernel.disabled()(run_ours)} if compare_kernel else {})
 
 
 def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = False):
@@ -176,7 +168,7 @@ def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = Fal
         beam_search(ours, src, beam=4, max_len=out_len, min_len=out_len)
 
     fns = {"Hugging Face": run_hf, "qkv": run_ours}
-    return fns | ({NO_KERNEL: _without_kernel(run_ours)} if compare_kernel else {})
+    return fns | ({NO_KERNEL: kernel.disabled()(run_ours)} if compare_kernel else {})
 
 
 def speedup_cells(stats: dict, name: str) -> list[str]:

@@ -158,7 +158,7 @@ def _on() -> bool:
 def disabled():
     """Attention without the kernel inside the block, in this thread (others keep it):
     for comparisons in one process."""
-    before, _switch.off = getattr(_switch, "off", False), True
+    before, _switch.off = not _on(), True
     try:
         yield
     finally:
