@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 
 import pytest
 
@@ -68,6 +69,19 @@ def test_long_lines_are_counted(tmp_path):
     assert corpus.src == ["short"] and corpus.skipped["too_long"] == 2
 
 
+def test_skipped_pairs_keep_line_numbers(tmp_path):
+    src = _write(tmp_path / "a.en", ["one", "", "x" * 30, "four", "five"])
+    tgt = _write(tmp_path / "a.de", ["eins", "zwei", "drei", "", "fuenf"])
+    corpus = data.read_parallel(src, tgt, skip_empty=True, max_chars=20, skip_long=True)
+    assert corpus.src == ["one", "five"] and corpus.lines == [1, 5]
+    assert corpus.skipped == {"empty": 2, "too_long": 1}
+    assert corpus.first_skipped == {"empty": f"{src}:2", "too_long": f"{src}:3"}
+    assert corpus.where(1, 1) == f"{tmp_path / 'a.de'}:5"
+    tsv = data.read_parallel(_write(tmp_path / "c.tsv", ["\tleer", "a\tb"]), skip_empty=True)
+    assert tsv.where(0) == f"{tmp_path / 'c.tsv'} (column 1):2"
+    assert tsv.first_skipped == {"empty": f"{tmp_path / 'c.tsv'} (column 1):1"}
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"nope.en: no such file"):
         data.read_lines(tmp_path / "nope.en")
@@ -95,15 +109,71 @@ def test_data_get_multi30k_from_mirror(data_dir, tmp_path, capsys):
     assert len(corpus) == 1014
 
 
-def test_data_get_checksum_mismatch(data_dir, tmp_path, capsys):
-    mirror = tmp_path / "mirror"
-    mirror.mkdir()
-    (mirror / "val.en.gz").write_bytes(gzip.compress(b"not the real file\n"))
+def _fake_mirror(path, langs=("en",)):
+    """A mirror holding every split of `langs`, none with the real content."""
+    path.mkdir()
+    for lang in langs:
+        for split in data.MULTI30K_SPLITS:
+            (path / f"{split}.{lang}.gz").write_bytes(gzip.compress(b"not the real file\n"))
+    return path
+
+
+def _sha256_mismatch(source, name="train.en.gz") -> str:
+    got = hashlib.sha256(gzip.compress(b"not the real file\n")).hexdigest()
+    return (f"qkv: error: {source}: sha256 {got} does not match the expected "
+            f"{data.MULTI30K_SHA256[name]}\n")
+
+
+def test_data_get_checksum_mismatch_names_the_mirror_file(tmp_path, capsys):
+    mirror = _fake_mirror(tmp_path / "mirror")
     code = main(["data", "get", "multi30k", "--langs", "en", "--dest", str(tmp_path / "d"),
                  "--from", str(mirror)])
     assert code == 2
-    assert "val.en.gz: sha256" in capsys.readouterr().err
-    assert not (tmp_path / "d" / "val.en.gz").exists()
+    assert capsys.readouterr().err == _sha256_mismatch(mirror / "train.en.gz")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_data_get_checksum_mismatch_names_the_url(tmp_path, monkeypatch, capsys):
+    mirror = _fake_mirror(tmp_path / "mirror")
+    monkeypatch.setattr(data, "MULTI30K_URL", mirror.as_uri() + "/")
+    code = main(["data", "get", "multi30k", "--langs", "en", "--dest", str(tmp_path / "d")])
+    assert code == 2
+    assert capsys.readouterr().err == _sha256_mismatch(mirror.as_uri() + "/train.en.gz")
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_data_get_requested_language_missing_in_mirror(tmp_path, capsys):
+    mirror = _fake_mirror(tmp_path / "mirror")
+    code = main(["data", "get", "multi30k", "--langs", "en,de", "--dest", str(tmp_path / "d"),
+                 "--from", str(mirror)])
+    assert code == 2
+    assert capsys.readouterr().err == (
+        f"qkv: error: {mirror}: the mirror lacks train.de.gz, val.de.gz, "
+        "test_2016_flickr.de.gz (asked for languages en,de)\n")
+    assert not (tmp_path / "d").exists()  # nothing copied
+
+
+def test_data_get_default_languages_take_what_the_mirror_has(tmp_path, capsys):
+    mirror = _fake_mirror(tmp_path / "mirror", langs=("fr",))  # no Fr checksums: unverified
+    dest = tmp_path / "d"
+    assert main(["data", "get", "multi30k", "--dest", str(dest), "--from", str(mirror)]) == 0
+    out = capsys.readouterr().out
+    assert "train.en.gz\tmissing in mirror" in out and "val.fr.gz\tunverified" in out
+    assert sorted(p.name for p in dest.iterdir()) == sorted(
+        f"{split}.fr.gz" for split in data.MULTI30K_SPLITS)
+
+
+@pytest.mark.parametrize("langs, message", [
+    ("en,xx", "unknown Multi30k language 'xx'; choose from en, de, fr, cs"),
+    (",", "no Multi30k language given; choose from en, de, fr, cs"),
+])
+def test_data_get_checks_languages_before_copying(tmp_path, capsys, langs, message):
+    mirror = _fake_mirror(tmp_path / "mirror")
+    code = main(["data", "get", "multi30k", "--langs", langs, "--dest", str(tmp_path / "d"),
+                 "--from", str(mirror)])
+    assert code == 2
+    assert capsys.readouterr().err == f"qkv: error: {message}\n"
+    assert not (tmp_path / "d").exists()
 
 
 def test_data_get_download_fails_clearly(tmp_path, monkeypatch, capsys):

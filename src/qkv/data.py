@@ -31,8 +31,12 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
 
 
+BOM = "\ufeff"  # a UTF-8 byte order mark, which some editors write at the start of a file
+
+
 def read_lines(path: str | os.PathLike) -> list[str]:
-    """The lines of a UTF-8 text file (gzip if it ends in .gz), without line ends."""
+    """The lines of a UTF-8 text file (gzip if it ends in .gz), without line ends, and
+    without the byte order mark some editors write first (it would be a token of its own)."""
     path = Path(path)
     lines = []
     with _open_bytes(path) as f:
@@ -46,19 +50,29 @@ def read_lines(path: str | os.PathLike) -> list[str]:
                     ) from None
         except (gzip.BadGzipFile, EOFError) as e:
             raise DataError(f"{path}: not a valid gzip file ({e})") from None
+    if lines:
+        lines[0] = lines[0].removeprefix(BOM)
     return lines
 
 
 @dataclass
 class ParallelCorpus:
-    """Aligned sentence pairs, and how many pairs were dropped and why."""
+    """Aligned sentence pairs with their 1-based line numbers, the names of the two columns
+    (files, or a TSV's columns), and how many pairs were dropped, why, and where first."""
 
     src: list[str]
     tgt: list[str]
+    lines: list[int] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
     skipped: dict[str, int] = field(default_factory=dict)
+    first_skipped: dict[str, str] = field(default_factory=dict)  # reason -> "file:line"
 
     def __len__(self) -> int:
         return len(self.src)
+
+    def where(self, i: int, column: int = 0) -> str:
+        """`file:line` of pair i in column 0 (source) or 1 (target)."""
+        return f"{self.names[column]}:{self.lines[i]}"
 
 
 def _split_tsv(path: Path) -> tuple[list[str], list[str]]:
@@ -94,25 +108,27 @@ def read_parallel(src: str | os.PathLike, tgt: str | os.PathLike | None = None, 
 
 
 def _filter(columns, names, skip_empty, max_chars, skip_long) -> ParallelCorpus:
-    out = ParallelCorpus([], [])
+    out = ParallelCorpus([], [], names=names)
+    first = out.first_skipped
     empty = long = 0
-    first_long = None
     for i, (s, t) in enumerate(zip(*columns, strict=True), 1):
         if not s.strip() or not t.strip():
+            name = names[0] if not s.strip() else names[1]
             if not skip_empty:
-                name = names[0] if not s.strip() else names[1]
                 raise DataError(f"{name}:{i}: empty line (use skip_empty to drop such pairs)")
             empty += 1
+            first.setdefault("empty", f"{name}:{i}")
             continue
         if max_chars and max(len(s), len(t)) > max_chars:
             long += 1
-            first_long = first_long or f"{names[0 if len(s) > max_chars else 1]}:{i}"
+            first.setdefault("too_long", f"{names[0 if len(s) > max_chars else 1]}:{i}")
             continue
         out.src.append(s)
         out.tgt.append(t)
+        out.lines.append(i)
     if long and not skip_long:
         raise DataError(f"{long} line(s) longer than max_chars={max_chars}, first at "
-                        f"{first_long} (raise the limit or use skip_long to drop them)")
+                        f"{first['too_long']} (raise the limit or use skip_long to drop them)")
     out.skipped = {"empty": empty, "too_long": long}
     return out
 
@@ -155,63 +171,77 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _verify(path: Path, name: str) -> bool:
-    """True if checked, False if no checksum is known; DataError on a mismatch."""
+def _verify(path: Path, name: str, source) -> bool:
+    """True if checked, False if no checksum is known; DataError naming `source` (the mirror
+    file or URL that `path` came from) on a mismatch."""
     expected = MULTI30K_SHA256.get(name)
     if expected is None:
         return False
     got = _sha256(path)
     if got != expected:
-        raise DataError(f"{path}: sha256 {got} does not match the expected {expected}")
+        raise DataError(f"{source}: sha256 {got} does not match the expected {expected}")
     return True
 
 
-def _fetch(name: str, target: Path) -> None:
-    url = MULTI30K_URL + name
-    tmp = target.with_name(target.name + ".part")
+def _fetch(url: str, target: Path) -> None:
     try:
-        with urllib.request.urlopen(url, timeout=30) as r, open(tmp, "wb") as f:
+        with urllib.request.urlopen(url, timeout=30) as r, open(target, "wb") as f:
             shutil.copyfileobj(r, f)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        target.unlink(missing_ok=True)
         raise DataError(f"cannot download {url} ({e}); without network, copy from an offline "
                         f"mirror with --from DIR") from None
-    os.replace(tmp, target)
 
 
-def get_multi30k(dest: str | os.PathLike, from_dir: str | os.PathLike | None = None,
-                 langs: Sequence[str] = MULTI30K_LANGS) -> list[tuple[str, str]]:
-    """Download (or copy from `from_dir`) Multi30k task 1 raw files into `dest`.
-
-    Returns (file name, "verified" | "unverified" | "missing in mirror") per file. A mirror
-    may lack some languages; the files it has are copied and checked.
-    """
-    dest = Path(dest)
-    dest.mkdir(parents=True, exist_ok=True)
-    report = []
+def _multi30k_names(langs: Sequence[str]) -> list[str]:
+    """The file names of `langs`, after checking every language (before any copying)."""
+    if not langs:
+        raise DataError(f"no Multi30k language given; choose from {', '.join(MULTI30K_LANGS)}")
     for lang in langs:
         if lang not in MULTI30K_LANGS:
             raise DataError(f"unknown Multi30k language {lang!r}; choose from "
                             f"{', '.join(MULTI30K_LANGS)}")
-        for split in MULTI30K_SPLITS:
-            report.append(_get_one(f"{split}.{lang}.gz", dest, from_dir))
-    return report
+    return [f"{split}.{lang}.gz" for lang in langs for split in MULTI30K_SPLITS]
+
+
+def get_multi30k(dest: str | os.PathLike, from_dir: str | os.PathLike | None = None,
+                 langs: Sequence[str] | None = None) -> list[tuple[str, str]]:
+    """Download (or copy from `from_dir`) Multi30k task 1 raw files into `dest`.
+
+    Returns (file name, "verified" | "unverified" | "missing in mirror") per file. With
+    langs=None (all languages) a mirror may lack some; the files it has are copied and
+    checked. Languages named in `langs` must be complete in the mirror.
+    """
+    names = _multi30k_names(MULTI30K_LANGS if langs is None else langs)
+    if from_dir is not None and langs is not None:
+        missing = [n for n in names if not (Path(from_dir) / n).is_file()]
+        if missing:
+            raise DataError(f"{from_dir}: the mirror lacks {', '.join(missing)} (asked for "
+                            f"languages {','.join(langs)})")
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    return [_get_one(name, dest, from_dir) for name in names]
 
 
 def _get_one(name: str, dest: Path, from_dir) -> tuple[str, str]:
+    """Copy or download `name` to a .part file, check it, then move it into place."""
     target = dest / name
+    tmp = target.with_name(target.name + ".part")
     if from_dir is None:
-        _fetch(name, target)
+        source = MULTI30K_URL + name
+        _fetch(source, tmp)
     else:
         source = Path(from_dir) / name
         if not source.is_file():
             return name, "missing in mirror"
-        shutil.copyfile(source, target)
+        shutil.copyfile(source, tmp)
     try:
-        return name, "verified" if _verify(target, name) else "unverified"
+        verified = _verify(tmp, name, source)
     except DataError:
-        target.unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    os.replace(tmp, target)
+    return name, "verified" if verified else "unverified"
 
 
 def add_data_arguments(parser) -> None:
@@ -220,14 +250,14 @@ def add_data_arguments(parser) -> None:
     parser.add_argument("--dest", default="data/multi30k", help="output folder")
     parser.add_argument("--from", dest="from_dir", metavar="DIR",
                         help="copy from an offline mirror instead of downloading")
-    parser.add_argument("--langs", default=",".join(MULTI30K_LANGS),
-                        help="comma-separated languages (default: en,de,fr,cs)")
+    parser.add_argument("--langs", help="comma-separated languages, each required complete "
+                        "in a --from mirror (default: en,de,fr,cs, as many as the mirror has)")
 
 
 def run_data(args) -> int:
     if args.from_dir is not None and not Path(args.from_dir).is_dir():
         raise FileNotFoundError(f"--from {args.from_dir}: no such directory")
-    langs = [x for x in args.langs.split(",") if x]
+    langs = None if args.langs is None else [x for x in args.langs.split(",") if x]
     report = get_multi30k(args.dest, args.from_dir, langs)
     for name, status in report:
         print(f"{name}\t{status}")

@@ -8,6 +8,7 @@ evaluate a model on the validation set.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -53,17 +54,45 @@ class Task:
         return batcher.batches(0)
 
 
-def _check_lengths(lengths, limit: int, what: str, skip: bool) -> list[int]:
-    """Indices of examples within `limit` tokens; an error counting the others unless skip."""
+def _check_lengths(lengths, limit: int, what: str, skip: bool, where) -> list[int]:
+    """Indices of examples within `limit` tokens; an error counting the others unless skip,
+    or if none is left. where(i) is example i's `file:line`."""
     keep = [i for i, n in enumerate(lengths) if n <= limit]
     dropped = len(lengths) - len(keep)
-    if dropped and not skip:
-        first = next(i for i, n in enumerate(lengths) if n > limit)
-        raise qdata.DataError(f"{what}: {dropped} example(s) longer than max_seq_len={limit} "
-                              f"tokens, first at line {first + 1} (set data.skip_long to drop)")
-    if dropped:
-        print(f"qkv: {what}: dropped {dropped} example(s) longer than {limit} tokens")
+    if not dropped:
+        return keep
+    first = where(next(i for i, n in enumerate(lengths) if n > limit))
+    too_long = f"longer than max_seq_len={limit} tokens, first at {first}"
+    if not skip:
+        raise qdata.DataError(f"{what}: {dropped} example(s) {too_long} "
+                              "(set data.skip_long to drop)")
+    if not keep:
+        raise qdata.DataError(f"{what}: all {dropped} example(s) are {too_long}")
+    print(f"qkv: {what}: dropped {dropped} example(s) {too_long}", file=sys.stderr)
     return keep
+
+
+def _require(n: int, what: str, files, unit: str = "sentence pairs") -> None:
+    """An empty set fails when it is read, not at the first batch or evaluation."""
+    if not n:
+        raise qdata.DataError(f"{what}: no {unit} in {' / '.join(map(str, files))}")
+
+
+def _skipped_note(corpus: qdata.ParallelCorpus, max_chars: int) -> str:
+    """What read_parallel skipped: '1 empty pair(s) (first at a.en:4) and ...'; '' if none."""
+    n, first = corpus.skipped, corpus.first_skipped
+    reasons = {"empty": "empty pair(s)", "too_long": f"pair(s) longer than max_chars={max_chars}"}
+    return " and ".join(f"{n[k]} {reasons[k]} (first at {first[k]})" for k in reasons if n[k])
+
+
+def _read_pairs(files, what: str, **options) -> qdata.ParallelCorpus:
+    """read_parallel, saying on stderr how many pairs it skipped, and failing if none is left."""
+    corpus = qdata.read_parallel(*files, **options)
+    note = _skipped_note(corpus, options.get("max_chars", 0))
+    if note:
+        print(f"qkv: {what}: skipped {note}", file=sys.stderr)
+    _require(len(corpus), what, files)
+    return corpus
 
 
 class TranslationTask(Task):
@@ -74,9 +103,9 @@ class TranslationTask(Task):
     def __init__(self, cfg: TrainConfig, tok, max_seq_len: int):
         d = cfg.data
         self.tok = tok
-        self.train = qdata.read_parallel(*d.train, skip_empty=d.skip_empty,
-                                         max_chars=d.max_chars, skip_long=d.skip_long)
-        self.valid = (qdata.read_parallel(*d.valid, skip_empty=True) if d.valid else None)
+        self.train = _read_pairs(d.train, "data.train", skip_empty=d.skip_empty,
+                                 max_chars=d.max_chars, skip_long=d.skip_long)
+        self.valid = _read_pairs(d.valid, "data.valid", skip_empty=True) if d.valid else None
         self.src, self.tgt = self._encode(self.train, max_seq_len, d.skip_long, "data.train")
         self.lengths = [max(len(s), len(t)) for s, t in zip(self.src, self.tgt, strict=True)]
         if self.valid is not None:
@@ -85,8 +114,9 @@ class TranslationTask(Task):
     def _encode(self, corpus, limit, skip, what):
         src = [encode(self.tok, s, eos=True) for s in corpus.src]
         tgt = [encode(self.tok, t, bos=True, eos=True) for t in corpus.tgt]
-        keep = _check_lengths([max(len(s), len(t) - 1) for s, t in zip(src, tgt, strict=True)],
-                              limit, what, skip)
+        lengths = [max(len(s), len(t) - 1) for s, t in zip(src, tgt, strict=True)]
+        keep = _check_lengths(lengths, limit, what, skip,
+                              lambda i: corpus.where(i, 0 if len(src[i]) > limit else 1))
         return [src[i] for i in keep], [tgt[i] for i in keep]
 
     def collate(self, indices, src=None, tgt=None):
@@ -136,15 +166,18 @@ class ClassificationTask(Task):
         from .classify import encode_text
 
         self.tok, self.text_encoding = tok, text_encoding
-        labels, texts = qdata.read_sst2(cfg.data.train[0])
+        path = cfg.data.train[0]
+        labels, texts = qdata.read_sst2(path)
+        _require(len(texts), "data.train", [path], "labelled sentences")
         self.ids = [encode_text(tok, t, text_encoding) for t in texts]
         keep = _check_lengths([len(x) for x in self.ids], max_seq_len, "data.train",
-                              cfg.data.skip_long)
+                              cfg.data.skip_long, lambda i: f"{path}:{i + 1}")
         self.ids, self.labels = [self.ids[i] for i in keep], [labels[i] for i in keep]
         self.lengths = [len(x) for x in self.ids]
         self.vids = self.vlabels = None
         if cfg.data.valid:
             vlabels, vtexts = qdata.read_sst2(cfg.data.valid[0])
+            _require(len(vtexts), "data.valid", cfg.data.valid, "labelled sentences")
             vids = [encode_text(tok, t, text_encoding)[:max_seq_len] for t in vtexts]
             self.vids, self.vlabels = vids, vlabels
 
@@ -181,14 +214,16 @@ class LMTask(Task):
 
     def __init__(self, cfg: TrainConfig, tok, max_seq_len: int):
         self.tok = tok
-        self.blocks = self._blocks(cfg.data.train[0], max_seq_len)
+        self.blocks = self._blocks(cfg.data.train[0], max_seq_len, "data.train")
         self.lengths = [len(b) for b in self.blocks]
-        self.vblocks = self._blocks(cfg.data.valid[0], max_seq_len) if cfg.data.valid else None
+        self.vblocks = (self._blocks(cfg.data.valid[0], max_seq_len, "data.valid")
+                        if cfg.data.valid else None)
 
-    def _blocks(self, path, T):
+    def _blocks(self, path, T, what):
         ids = [BOS_ID]
         for line in qdata.read_lines(path):
             ids += encode(self.tok, line, eos=True)
+        _require(len(ids) - 1, what, [path], "text")
         return [ids[i : i + T + 1] for i in range(0, max(1, len(ids) - 1), T)]
 
     def collate(self, indices, blocks=None):
