@@ -201,3 +201,71 @@ def test_evaluate_cli_errors(files, capsys, args, match):
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("qkv: error:") and match in err, err
+
+
+# ------------------------------------------- review s9: defaults, input text, errors
+
+
+def test_evaluate_cli_defaults_to_the_saved_decoding_section(files, tmp_path, capsys):
+    model, tok = qkv.load(files / "model"), qkv.tokenizer.load_tokenizer(files / "model")
+    qkv.save(model, tmp_path / "saved", files={"tokenizer": to_bytes(tok)},
+             metadata={"decoding": {"beam": 2, "alpha": 1.5, "batch_size": 64}})
+    args = ["evaluate", "--src", str(files / "src.txt"), "--ref", str(files / "ref.txt"),
+            "--json"]
+    assert main([*args, "--model", str(tmp_path / "saved")]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert (scores["beam"], scores["alpha"]) == (2, 1.5)
+    assert main([*args, "--model", str(tmp_path / "saved"), "--beam", "1", "--alpha", "0"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert (scores["beam"], scores["alpha"]) == (1, 0.0)
+    assert main([*args, "--model", str(files / "model"), "--max-extra", "3"]) == 0
+    scores = json.loads(capsys.readouterr().out)  # nothing saved: the documented defaults
+    assert (scores["beam"], scores["alpha"]) == (4, 0.6)
+
+
+def test_evaluate_cli_drops_a_byte_order_mark(files, tmp_path, capsys, monkeypatch):
+    bom = tmp_path / "bom.txt"
+    bom.write_text("\ufeff" + "\n".join(REFS) + "\n", encoding="utf-8")
+    for hyp, ref in ((files / "ref.txt", bom), (bom, files / "ref.txt")):
+        assert main(["evaluate", "--hyp", str(hyp), "--ref", str(ref), "--json"]) == 0
+        scores = json.loads(capsys.readouterr().out)
+        assert scores["bleu"] == pytest.approx(100.0) and scores["chrf"] == pytest.approx(100.0)
+    seen = []
+    monkeypatch.setattr("qkv.evaluate.translate_lines",
+                        lambda model, tok, lines, **kw: seen.extend(lines) or list(lines))
+    assert main(["evaluate", "--model", str(files / "model"), "--src", str(bom), "--ref",
+                 str(files / "ref.txt")]) == 0
+    assert seen == REFS
+
+
+def test_bleu_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="no sentences to score"):
+        bleu([], [])
+
+
+def test_evaluate_cli_rejects_empty_files(files, tmp_path, capsys):
+    (tmp_path / "e.en").write_text("", encoding="utf-8")
+    (tmp_path / "e.de").write_text("", encoding="utf-8")
+    status = main(["evaluate", "--hyp", str(tmp_path / "e.en"), "--ref", str(tmp_path / "e.de")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err == (f"qkv: error: {tmp_path / 'e.de'} is empty; expected one reference line "
+                   f"per sentence\n")
+
+
+@pytest.mark.parametrize("output, match", [
+    (".", "is a folder; expected a file to write"),
+    ("missing/hyps.txt", "does not exist"),
+])
+def test_evaluate_cli_checks_output_before_translating(files, tmp_path, capsys, monkeypatch,
+                                                       output, match):
+    def fail(*args, **kwargs):
+        raise AssertionError("translated although --output cannot be written")
+
+    monkeypatch.setattr("qkv.evaluate.translate_lines", fail)
+    output = str(tmp_path / output)
+    status = main(["evaluate", "--model", str(files / "model"), "--src", str(files / "src.txt"),
+                   "--ref", str(files / "ref.txt"), "--output", output])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith(f"qkv: error: --output={output}") and match in err, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, help). Handlers are `<module>.add_<name>_arguments` and `<module>.run_<name>`
@@ -56,13 +57,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(_handler(args.command, "run_")(args) or 0)
+        status = int(_handler(args.command, "run_")(args) or 0)
+        sys.stdout.flush()  # so that a closed pipe shows here, not at exit
+        return status
     except (ValueError, FileNotFoundError) as e:
         print(f"qkv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("qkv: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout has gone, e.g. `qkv translate | head -1`
+        _silence_stdout()
+        return 1
+
+
+def _silence_stdout() -> None:
+    """Point stdout at devnull, so that Python's flush at exit does not fail again on the
+    closed pipe (the Python docs' note on SIGPIPE, in the signal module)."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is no file (tests): nothing will flush to it
+        pass
 
 
 if __name__ == "__main__":

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import torch
 
-from .data import read_lines  # noqa: F401  (also part of this module's API)
+from .data import read_lines  # also part of this module's API
 from .translate import (
     add_decoding_arguments,
-    check_decoding_arguments,
     load_translator,
+    resolve_decoding_arguments,
     translate_lines,
 )
 
@@ -28,6 +28,8 @@ def bleu(hyps: Sequence[str], refs: Sequence[str], *, lowercase: bool = False) -
 
     if len(hyps) != len(refs):
         raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
+    if not refs:
+        raise ValueError("no sentences to score")
     bleu_metric, chrf_metric = BLEU(lowercase=lowercase), CHRF(lowercase=lowercase)
     b = bleu_metric.corpus_score(list(hyps), [list(refs)])
     c = chrf_metric.corpus_score(list(hyps), [list(refs)])
@@ -118,14 +120,29 @@ def _hypotheses(args, n_refs: int) -> tuple[list[str], float | None]:
         return hyps, None
     if args.src is None:
         raise ValueError("--model needs --src FILE (the sources to translate)")
-    check_decoding_arguments(args)
+    resolve_decoding_arguments(args)
     src = read_lines(args.src)
     _same_count(args.src, len(src), args.ref, n_refs)
     model, tokenizer = load_translator(args.model)
     start = time.perf_counter()
     hyps = translate_lines(model, tokenizer, src, beam=args.beam, batch_size=args.batch_size,
-                           alpha=args.alpha, max_extra=args.max_extra)
+                           alpha=args.alpha, max_extra=args.max_extra, origin=args.src)
     return hyps, time.perf_counter() - start
+
+
+def _check_output(path: str) -> None:
+    """Reject an --output that cannot be written, before any time is spent translating."""
+    if Path(path).is_dir():
+        raise ValueError(f"--output={path} is a folder; expected a file to write")
+    if not Path(path).parent.is_dir():
+        raise ValueError(f"--output={path}: folder {Path(path).parent} does not exist")
+
+
+def _write_output(path: str, hyps: list[str]) -> None:
+    try:
+        Path(path).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+    except OSError as e:
+        raise ValueError(f"--output={path}: cannot write ({e.strerror})") from None
 
 
 def _same_count(a: str, n_a: int, b: str, n_b: int) -> None:
@@ -135,7 +152,11 @@ def _same_count(a: str, n_a: int, b: str, n_b: int) -> None:
 
 def run_evaluate(args) -> int:
     """Print BLEU and chrF (with signatures) of --model on --src, or of --hyp, against --ref."""
+    if args.output:
+        _check_output(args.output)
     refs = read_lines(args.ref)
+    if not refs:
+        raise ValueError(f"{args.ref} is empty; expected one reference line per sentence")
     base = None
     if args.baseline is not None:  # checked before a model spends time translating
         if args.resamples < 1:
@@ -144,7 +165,7 @@ def run_evaluate(args) -> int:
         _same_count(args.baseline, len(base), args.ref, len(refs))
     hyps, seconds = _hypotheses(args, len(refs))
     if args.output:
-        Path(args.output).write_text("".join(h + "\n" for h in hyps), encoding="utf-8")
+        _write_output(args.output, hyps)
     scores = bleu(hyps, refs, lowercase=args.lowercase)
     if base is not None:
         diff = bleu_difference(hyps, base, refs, lowercase=args.lowercase,
@@ -152,7 +173,7 @@ def run_evaluate(args) -> int:
         scores.update(baseline_bleu=diff["baseline_bleu"], bleu_delta=diff["delta"],
                       bleu_delta_95=diff["delta_95"], resamples=diff["resamples"])
     if seconds is not None:
-        scores.update(beam=args.beam, decode_seconds=seconds,
+        scores.update(beam=args.beam, alpha=args.alpha, decode_seconds=seconds,
                       sentences_per_second=len(hyps) / max(seconds, 1e-9))
     if args.json:
         print(json.dumps(scores))
@@ -166,6 +187,6 @@ def run_evaluate(args) -> int:
               f"{high:+.2f}] over {scores['sentences']} sentences ({scores['resamples']} draws)")
     if seconds is not None:
         print(f"decoding: {len(hyps)} sentences in {seconds:.1f} s, "
-              f"{scores['sentences_per_second']:.1f} sentences/s (beam {args.beam}, "
-              f"{torch.get_num_threads()} threads)")
+              f"{scores['sentences_per_second']:.1f} sentences/s (beam {args.beam}, alpha "
+              f"{args.alpha}, {torch.get_num_threads()} threads)")
     return 0

@@ -13,6 +13,7 @@ Text in and out, and the `qkv translate` command, are in qkv.translate.
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -293,6 +294,8 @@ def decode_beam(
     """
     _check_args(src, model, beam=(beam, 1), max_extra=(max_extra, 0), min_len=(min_len, 0),
                 max_len=(1 if max_len is None else max_len, 1))
+    if not math.isfinite(alpha):
+        raise ValueError(f"alpha={alpha} must be a finite number >= 0")
     if alpha < 0:
         raise ValueError(f"alpha={alpha} must be >= 0 (the stopping bound assumes it)")
     if beam >= model.cfg.vocab_size:

@@ -5,6 +5,7 @@ The searches themselves (greedy, beam) work on token tensors in qkv.search.
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -12,16 +13,22 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from .data import BOM
 from .models import EncoderDecoder
 from .search import beam_search, greedy
 from .tokenizer import EOS_ID, PAD_ID, decode, encode
 
 
-def encode_source(tokenizer, text: str, max_seq_len: int) -> list[int]:
-    """Source ids as training sees them: subwords then eos, cut to max_seq_len."""
-    ids = encode(tokenizer, text, eos=True)
+def encode_source(tokenizer, text: str, max_seq_len: int, *, where: str = "source") -> list[int]:
+    """Source ids as training sees them: subwords then eos, cut to max_seq_len.
+
+    Runs of spaces become one, and spaces at either end go: each extra space would be a
+    token of its own that single-spaced training text never has. `where` names the
+    input (e.g. "stdin line 3") in the warning about a cut line.
+    """
+    ids = encode(tokenizer, " ".join(text.split()), eos=True)
     if len(ids) > max_seq_len:
-        warnings.warn(f"source of {len(ids)} tokens cut to max_seq_len={max_seq_len}",
+        warnings.warn(f"{where}: source of {len(ids)} tokens cut to max_seq_len={max_seq_len}",
                       stacklevel=2)
         ids = ids[: max_seq_len - 1] + [EOS_ID]
     return ids
@@ -37,12 +44,17 @@ def pad_batch(seqs: Sequence[list[int]], pad_id: int = PAD_ID) -> Tensor:
 
 
 def translate_lines(model: EncoderDecoder, tokenizer, lines: Sequence[str], *, beam: int = 4,
-                    batch_size: int = 32, alpha: float = 0.6, max_extra: int = 50) -> list[str]:
-    """Translate `lines`, in order; batches of similar length; empty lines give ''."""
+                    batch_size: int = 32, alpha: float = 0.6, max_extra: int = 50,
+                    origin: str = "input", first_line: int = 1) -> list[str]:
+    """Translate `lines`, in order; batches of similar length; empty lines give ''.
+
+    origin and first_line name the lines in warnings: `lines[0]` is `origin line first_line`.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size} must be >= 1")
-    src = [encode_source(tokenizer, line, model.cfg.max_seq_len) if line.strip() else None
-           for line in lines]
+    src = [encode_source(tokenizer, line, model.cfg.max_seq_len,
+                         where=f"{origin} line {n}") if line.strip() else None
+           for n, line in enumerate(lines, first_line)]
     todo = sorted((i for i, s in enumerate(src) if s is not None), key=lambda i: len(src[i]))
     out = [""] * len(lines)
     for start in range(0, len(todo), batch_size):
@@ -72,22 +84,70 @@ def load_translator(directory) -> tuple[EncoderDecoder, object]:
 # --------------------------------------------------------------------------- CLI
 
 
+# Used when neither a flag nor the checkpoint's [decoding] section (metadata "decoding",
+# written by qkv train) gives a value.
+DECODING_DEFAULTS = {"beam": 4, "alpha": 0.6, "batch_size": 32, "max_extra": 50}
+_LOWEST = {"beam": 1, "alpha": 0, "batch_size": 1, "max_extra": 0}
+
+
 def add_decoding_arguments(parser, *, model_required: bool = True) -> None:
-    """--model, --beam, --batch-size, --alpha, --max-extra (shared with `qkv evaluate`)."""
+    """--model, --beam, --batch-size, --alpha, --max-extra (shared with `qkv evaluate`).
+
+    The decoding flags default to None: `resolve_decoding_arguments` fills them in.
+    """
+    def saved(key: str) -> str:
+        return f"default: the checkpoint's [decoding] {key}, else {DECODING_DEFAULTS[key]}"
+
     parser.add_argument("--model", required=model_required, help="checkpoint directory")
-    parser.add_argument("--beam", type=int, default=4, help="beam size; 1 is greedy (default 4)")
-    parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch")
-    parser.add_argument("--alpha", type=float, default=0.6, help="length penalty (default 0.6)")
-    parser.add_argument("--max-extra", type=int, default=50,
-                        help="output may be this many tokens longer than the source")
+    parser.add_argument("--beam", type=int, help=f"beam size; 1 is greedy ({saved('beam')})")
+    parser.add_argument("--batch-size", type=int,
+                        help=f"sentences per batch ({saved('batch_size')})")
+    parser.add_argument("--alpha", type=float, help=f"length penalty ({saved('alpha')})")
+    parser.add_argument("--max-extra", type=int, help="output may be this many tokens longer "
+                        "than the source (default 50)")
 
 
-def check_decoding_arguments(args) -> None:
-    for name in ("beam", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)} must be >= 1")
-    if args.alpha < 0 or args.max_extra < 0:
-        raise ValueError(f"--alpha={args.alpha} and --max-extra={args.max_extra} must be >= 0")
+def resolve_decoding_arguments(args) -> None:
+    """Check the decoding flags given, then fill in those left out (None): from the
+    checkpoint's [decoding] section, as trained, else from DECODING_DEFAULTS."""
+    given = {k: getattr(args, k) for k in DECODING_DEFAULTS if getattr(args, k) is not None}
+    for key, value in given.items():
+        _check_decoding_value(_flag(key), key, value)
+    saved = _saved_decoding(args.model)
+    for key, default in DECODING_DEFAULTS.items():
+        if key not in given:
+            setattr(args, key, saved.get(key, default))
+        if key not in given and key in saved:
+            try:
+                _check_decoding_value(f"decoding.{key}", key, saved[key])
+            except ValueError as e:
+                raise ValueError(f"{args.model}: {e} (saved with the checkpoint; give "
+                                 f"{_flag(key)} to override it)") from None
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def _saved_decoding(directory) -> dict:
+    """The [decoding] section saved with a checkpoint, {} if it has none."""
+    from .checkpoint import read_metadata
+
+    saved = read_metadata(directory).get("decoding")
+    return saved if isinstance(saved, dict) else {}
+
+
+def _check_decoding_value(name: str, key: str, value) -> None:
+    low = _LOWEST[key]
+    if key == "alpha":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name}={value!r} must be a number >= {low}")
+        if not math.isfinite(value):
+            raise ValueError(f"{name}={value} must be a finite number >= {low}")
+    elif isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}={value!r} must be an integer >= {low}")
+    if value < low:
+        raise ValueError(f"{name}={value} must be >= {low}")
 
 
 def add_translate_arguments(parser) -> None:
@@ -106,6 +166,12 @@ def _batches(lines: Iterable[str], size: int) -> Iterator[list[str]]:
 
 
 def _stdin_lines() -> Iterator[str]:
+    """Lines of stdin, the first without a byte order mark."""
+    for n, line in enumerate(_stdin_decoded(), 1):
+        yield line.removeprefix(BOM) if n == 1 else line
+
+
+def _stdin_decoded() -> Iterator[str]:
     """Lines of stdin, decoded one by one so that a bad byte is reported with its line."""
     raw = getattr(sys.stdin, "buffer", None)
     if raw is None:  # a text stream without bytes underneath (tests)
@@ -120,12 +186,15 @@ def _stdin_lines() -> Iterator[str]:
 
 def run_translate(args) -> int:
     """stdin -> stdout, one line in, one line out, each batch written as soon as it is done."""
-    check_decoding_arguments(args)
+    resolve_decoding_arguments(args)
     model, tokenizer = load_translator(args.model)
+    first_line = 1
     for lines in _batches(_stdin_lines(), args.batch_size):
         outputs = translate_lines(model, tokenizer, lines, beam=args.beam,
                                   batch_size=args.batch_size, alpha=args.alpha,
-                                  max_extra=args.max_extra)
+                                  max_extra=args.max_extra, origin="stdin",
+                                  first_line=first_line)
+        first_line += len(lines)
         sys.stdout.write("".join(line + "\n" for line in outputs))
         sys.stdout.flush()
     return 0
