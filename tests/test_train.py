@@ -90,11 +90,15 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     ("[data]\ntrain=['a']\n[training]\nschedule = 'cosine'",
      r"training.schedule='cosine': expected one of"),
     ("[data]\ntrain=['a']\n[training]\nbetas = [0.9]", r"training.betas=\[0.9\]: expected two"),
+    ("[data]\ntrain=['a']\n[training]\nbetas = ['a', 'b']",
+     r"training.betas=\['a', 'b'\]: expected two numbers"),
+    ("[data]\ntrain=['a']\nlabels = [0, 1]", r"data.labels=\[0, 1\]: expected a list of class"),
     ("[data]\ntrain=['a']\n[training]\nbf16 = 1", r"training.bf16=1: expected bool"),
     ("[data]\ntrain=['a']\ntask = 'parsing'", r"data.task='parsing': expected one of"),
     ("[data]\ntrain=['a', 'b', 'c']", r"data.train=.*expected a list of 1 or 2 file names"),
     ("[data]\ntrain=['${QKV_SURELY_UNSET_VAR}/x']", r"data.train=.*environment variable"),
     ("[data]\ntrain=['a']\n[decoding]\nbeam = 0", r"decoding.beam=0: must be >= 1"),
+    ("[data]\ntrain=['a']\n[decoding]\nalpha = nan", r"decoding.alpha=nan: must be a finite"),
     ("[data]\ntrain=['a']\n[optimizer]\nlr = 1", r"optimizer: unknown section"),
     ("[training]\nmax_steps = 1", r"data: missing section"),
     ("[data]\ntrain=['a']\n[model]\npreset = 'huge'", r"model.preset='huge': expected one of"),
@@ -105,10 +109,22 @@ def test_config_errors_name_the_key(text, message):
         parse_config(text)
 
 
-def test_model_values_checked_by_model_config(tmp_path):
-    cfg = parse_config("[data]\ntrain=['a']\n[model]\nn_heads = 8\nn_kv_heads = 3")
-    with pytest.raises(ValueError, match=r"model: n_heads=8 is not divisible by n_kv_heads=3"):
-        cfg.model.build(vocab_size=100)
+@pytest.mark.parametrize("model, message", [
+    ("n_heads = 8\nn_kv_heads = 3", r"^model.n_heads=8 is not divisible by n_kv_heads=3$"),
+    ("d_model = '64'", r"^model.d_model='64': expected int$"),
+    ("dropout = 1.5", r"^model.dropout=1.5 must be in \[0, 1\)$"),
+    ("n_kv_heads = true", r"^model.n_kv_heads=True: expected int \| None$"),
+    ("positions = 3", r"^model.positions=3: expected str$"),
+])
+def test_model_values_checked_when_the_config_is_read(model, message):
+    """At parse time, before any data is read or BPE trained, naming the key."""
+    with pytest.raises(ValueError, match=message):
+        parse_config(f"[data]\ntrain=['a']\n[model]\n{model}")
+
+
+def test_model_config_takes_an_int_for_a_float():
+    cfg = parse_config("[data]\ntrain=['a']\n[model]\ndropout = 0").model.build()
+    assert cfg.dropout == 0.0 and isinstance(cfg.dropout, float)
 
 
 def test_config_paths_relative_to_file(tmp_path):
@@ -189,6 +205,41 @@ def test_resume_errors(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 0
     assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 2
     assert "already holds checkpoints; use --resume" in capsys.readouterr().err
+
+
+def test_resume_rejects_changed_settings(tmp_path, capsys):
+    """Only settings that do not change what the steps compute may differ on --resume."""
+    run = str(tmp_path / "r")
+    assert main(["train", str(_config(tmp_path, training="max_steps = 3")), "--out", run]) == 0
+    capsys.readouterr()
+    changed = _config(tmp_path, training="max_steps = 5\nseed = 7", model="n_heads = 2")
+    assert main(["train", str(changed), "--out", run, "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_heads='unset' (now 2); training.seed=1 (now 7)" in err, err
+    assert "only training.max_steps, training.threads" in err
+    assert [p.name for p in checkpoints(run)] == ["ckpt-00000003"]  # nothing trained
+    longer = _config(tmp_path, training="max_steps = 4\nthreads = 2\nkeep_last = 2")
+    assert main(["train", str(longer), "--out", run, "--resume"]) == 0
+    assert [p.name for p in checkpoints(run)] == ["ckpt-00000003", "ckpt-00000004"]
+    capsys.readouterr()
+    assert main(["train", str(longer), "--out", run, "--resume"]) == 0
+    assert "is already at step 4, training.max_steps=4: nothing to train" in (
+        capsys.readouterr().err)
+
+
+def test_out_must_be_a_folder_and_data_files_exist(tmp_path, capsys):
+    cfg = _config(tmp_path, training="max_steps = 2")
+    (tmp_path / "file").write_text("x")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "file")]) == 2
+    assert "--out " + str(tmp_path / "file") + ": exists and is not a folder" in (
+        capsys.readouterr().err)
+    assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 0
+    assert main(["average", "--out", str(tmp_path / "file"), str(tmp_path / "r")]) == 2
+    assert str(tmp_path / "file") + ": exists and is not a folder" in capsys.readouterr().err
+    typo = _config(tmp_path, data='test = ["toy.en", "tyo.de"]')
+    assert main(["train", str(typo), "--out", str(tmp_path / "r2")]) == 2
+    assert f"data.test: {tmp_path / 'tyo.de'}: no such file" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()
 
 
 def test_keep_last_and_average(tmp_path, capsys):

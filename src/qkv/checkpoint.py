@@ -73,6 +73,8 @@ def save(model: nn.Module, directory: str | os.PathLike, *, files: dict[str, byt
         raise ValueError(f"cannot save a {cls}; qkv checkpoints hold {', '.join(MODELS)}")
     _check_file_keys(files or {})
     directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{directory}: exists and is not a folder; a checkpoint is a folder")
     directory.mkdir(parents=True, exist_ok=True)
     tag = uuid.uuid4().hex[:12]
     names = {"weights": f"model-{tag}.safetensors"}
@@ -113,8 +115,16 @@ def _check_file_keys(files: dict[str, bytes]) -> None:
             raise ValueError(f"extra file key {key!r} must be a plain name (letters, digits, _ -)")
 
 
+def _is_run_folder(directory: Path) -> bool:
+    """Whether `directory` looks like a `qkv train --out` folder (names as in qkv.train)."""
+    return (directory / "last").exists() or any(directory.glob("ckpt-*"))
+
+
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
+    if not path.is_file() and _is_run_folder(directory):
+        raise CheckpointError(f"{path}: no such file; is {directory} a run folder? use "
+                              f"{directory}/last or {directory}/ckpt-NNNNNNNN")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (is {directory} a qkv checkpoint?)")
     try:

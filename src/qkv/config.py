@@ -17,6 +17,21 @@ def _choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not one of {', '.join(allowed)}")
 
 
+def _check_types(cfg) -> None:
+    """Each field holds its annotated type ("int", "int | None", "float", "str", "bool");
+    an int is accepted for a float (dropout = 0) and stored as a float."""
+    for f in fields(cfg):
+        value, kinds = getattr(cfg, f.name), f.type.split(" | ")
+        if value is None and "None" in kinds:
+            continue
+        if "float" in kinds and isinstance(value, int) and not isinstance(value, bool):
+            object.__setattr__(cfg, f.name, value := float(value))
+        ok = any(isinstance(value, {"int": int, "float": float, "str": str, "bool": bool}[k])
+                 and (k == "bool" or not isinstance(value, bool)) for k in kinds if k != "None")
+        if not ok:
+            raise ValueError(f"{f.name}={value!r}: expected {f.type}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The shape of a Transformer. Defaults are the paper's base model (Table 3).
@@ -53,6 +68,7 @@ class ModelConfig:
     pooling: str = "mean"
 
     def __post_init__(self):
+        _check_types(self)
         if self.n_kv_heads is None:  # "same as n_heads": resolve once, at construction
             object.__setattr__(self, "n_kv_heads", self.n_heads)
         if self.n_decoder_layers is None:

@@ -245,6 +245,56 @@ def checkpoints(run_dir: str | os.PathLike) -> list[Path]:
     return found
 
 
+def _check_data_files(cfg: TrainConfig) -> None:
+    """Every file the config names exists, before any data is read or BPE trained; data.test
+    is only recorded with the run (score it with `qkv evaluate`), so a typo shows here."""
+    for key in ("train", "valid", "test"):
+        for f in getattr(cfg.data, key):
+            if not Path(f).is_file():
+                raise FileNotFoundError(f"data.{key}: {f}: no such file")
+
+
+# Settings a resumed run may change: they decide when it stops, saves, logs and evaluates
+# (and how many threads share the work), not what its training steps compute.
+RESUMABLE = {
+    "training": ("max_steps", "threads", "eval_every", "eval_bleu_sentences",
+                 "save_every_steps", "save_every_minutes", "keep_last", "log_every"),
+    "data": ("valid", "test"),
+    "decoding": ("beam", "alpha", "batch_size"),
+}
+
+
+def _config_changes(saved: dict, now: dict) -> list[str]:
+    """`section.key=old (now new)` for each setting outside RESUMABLE that differs.
+
+    [model] is compared key by key over both files' keys (unset differs from set); the
+    other sections skip keys one side lacks (a checkpoint of an older qkv)."""
+    changes = []
+    for section, values in now.items():
+        old = saved.get(section, {})
+        keys = sorted(set(old) | set(values)) if section == "model" else sorted(
+            set(old) & set(values))
+        for key in keys:
+            if key in RESUMABLE.get(section, ()):
+                continue
+            before, after = old.get(key, "unset"), values.get(key, "unset")
+            if before != after:
+                changes.append(f"{section}.{key}={before!r} (now {after!r})")
+    return changes
+
+
+def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
+    """A resumed run continues exactly only with the settings it was started with."""
+    saved = json.loads(checkpoint.read_file(path, "trainer"))["config"]
+    changes = _config_changes(saved, cfg.to_dict())
+    if changes:
+        allowed = ", ".join(f"{s}.{k}" for s, keys in RESUMABLE.items() for k in keys)
+        raise ValueError(
+            f"--resume: {path} was trained with {'; '.join(changes)}. A resumed run must keep "
+            f"its settings to continue exactly; only {allowed} may change. Restore them, or "
+            "start a new run with another --out")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, out: str | os.PathLike, resume: bool = False):
         self.cfg, self.out = cfg, Path(out)
@@ -254,7 +304,13 @@ class Trainer:
             torch.set_num_threads(t.threads)
         if t.bf16 and self.rank == 0:  # one warning per run, not one per process
             warn_if_slow_bf16("training.bf16 = true (autocast)")
+        if self.out.exists() and not self.out.is_dir():
+            raise ValueError(f"--out {self.out}: exists and is not a folder; expected a run "
+                             "folder (new or to --resume)")
+        _check_data_files(cfg)
         resume_from = self._resume_point(resume)
+        if resume_from is not None:
+            _check_resume_config(resume_from, cfg)
         self._build(resume_from)
         self.step, self.epoch, self.batch_index, self.tokens_seen = 0, 0, 0, 0
         self.elapsed = 0.0
@@ -382,6 +438,12 @@ class Trainer:
 
     def fit(self) -> Path | None:
         t = self.cfg.training
+        if self.step >= t.max_steps:
+            if self.rank == 0:
+                    print(f"qkv: {self.out} is already at step {self.step}, training.max_steps="
+                      f"{t.max_steps}: nothing to train (raise max_steps to continue)",
+                      file=sys.stderr)
+            return None
         bar = _progress(t.max_steps, self.step, self.rank)
         last_save, window_tokens, window_start = time.monotonic(), 0, time.monotonic()
         start_elapsed, t0 = self.elapsed, time.monotonic()

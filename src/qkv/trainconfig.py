@@ -8,6 +8,7 @@ relative to the config file's folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,10 @@ SCHEDULES = ("inverse_sqrt", "linear", "constant")
 
 def _fail(key: str, value, why: str) -> None:
     raise ValueError(f"{key}={value!r}: {why}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -38,13 +43,15 @@ class ModelSection:
         for key in self.overrides:
             if key not in known:
                 raise ValueError(f"model.{key}: unknown key")
+        if not self.init_from:  # check the values now, not after the data is read
+            self.build()
 
     def build(self, **defaults) -> ModelConfig:
         """The ModelConfig: preset < defaults (e.g. vocab_size) < the file's overrides."""
         try:
             return ModelConfig(**{**PRESETS[self.preset], **defaults, **self.overrides})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"model: {e}") from None
+            raise ValueError(f"model.{e}") from None  # e: "name=value ...", from ModelConfig
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ class DataSection:
             _fail("data.vocab_size", self.vocab_size, "must be >= 5")
         if self.max_chars < 0:
             _fail("data.max_chars", self.max_chars, "must be >= 0")
+        if not all(isinstance(x, str) for x in self.labels):
+            _fail("data.labels", self.labels, "expected a list of class names (strings)")
 
 
 @dataclass(frozen=True)
@@ -116,7 +125,7 @@ class TrainingSection:
             _fail("training.schedule", self.schedule, f"expected one of {', '.join(SCHEDULES)}")
         if not 0 <= self.label_smoothing < 1:
             _fail("training.label_smoothing", self.label_smoothing, "must be in [0, 1)")
-        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+        if len(self.betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in self.betas):
             _fail("training.betas", self.betas, "expected two numbers in [0, 1)")
 
 
@@ -130,8 +139,8 @@ class DecodingSection:
         for key in ("beam", "batch_size"):
             if getattr(self, key) < 1:
                 _fail(f"decoding.{key}", getattr(self, key), "must be >= 1")
-        if self.alpha < 0:
-            _fail("decoding.alpha", self.alpha, "must be >= 0")
+        if not 0 <= self.alpha < math.inf:  # also rejects nan
+            _fail("decoding.alpha", self.alpha, "must be a finite number >= 0")
 
 
 @dataclass(frozen=True)
