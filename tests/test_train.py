@@ -227,6 +227,18 @@ def test_resume_rejects_changed_settings(tmp_path, capsys):
         capsys.readouterr().err)
 
 
+def test_resume_takes_the_same_files_however_spelled(tmp_path):
+    """Paths are saved as the config's folder joined with the file's: compare real paths."""
+    _config(tmp_path, training="max_steps = 2")
+    (tmp_path / "sub").mkdir()
+    text = (tmp_path / "tiny.toml").read_text().replace(str(tmp_path), "..")
+    (tmp_path / "sub" / "c.toml").write_text(text)
+    run = str(tmp_path / "r")
+    assert main(["train", str(tmp_path / "sub" / "c.toml"), "--out", run]) == 0
+    other = tmp_path / "sub" / ".." / "sub" / "c.toml"
+    assert main(["train", str(other), "--out", run, "--resume"]) == 0
+
+
 def test_out_must_be_a_folder_and_data_files_exist(tmp_path, capsys):
     cfg = _config(tmp_path, training="max_steps = 2")
     (tmp_path / "file").write_text("x")

@@ -264,6 +264,19 @@ RESUMABLE = {
 }
 
 
+# Settings that hold paths, saved as the config's folder joined with what it says: the
+# same file can be spelled `cfg/../data/a.en` or `/abs/cfg/../data/a.en`.
+PATHS = {("data", "train"), ("data", "tokenizer"), ("model", "init_from")}
+
+
+def _real_paths(value):
+    """Paths (a str or a list of them) made absolute with links resolved; a pretrained
+    model's name (no slash) stays as it is."""
+    if isinstance(value, list):
+        return [_real_paths(v) for v in value]
+    return os.path.realpath(value) if isinstance(value, str) and "/" in value else value
+
+
 def _config_changes(saved: dict, now: dict) -> list[str]:
     """`section.key=old (now new)` for each setting outside RESUMABLE that differs.
 
@@ -278,7 +291,11 @@ def _config_changes(saved: dict, now: dict) -> list[str]:
             if key in RESUMABLE.get(section, ()):
                 continue
             before, after = old.get(key, "unset"), values.get(key, "unset")
-            if before != after:
+            if (section, key) in PATHS:  # the same files, however the config was reached
+                same = _real_paths(before) == _real_paths(after)
+            else:
+                same = before == after
+            if not same:
                 changes.append(f"{section}.{key}={before!r} (now {after!r})")
     return changes
 

@@ -51,7 +51,9 @@ class ModelSection:
         try:
             return ModelConfig(**{**PRESETS[self.preset], **defaults, **self.overrides})
         except (TypeError, ValueError) as e:
-            raise ValueError(f"model.{e}") from None  # e: "name=value ...", from ModelConfig
+            key = str(e).split("=", 1)[0]  # most ModelConfig errors start "name=value"
+            sep = "." if key in {f.name for f in fields(ModelConfig)} else ": "
+            raise ValueError(f"model{sep}{e}") from None
 
 
 @dataclass(frozen=True)
