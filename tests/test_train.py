@@ -248,6 +248,13 @@ def test_out_must_be_a_folder_and_data_files_exist(tmp_path, capsys):
     assert main(["train", str(cfg), "--out", str(tmp_path / "r")]) == 0
     assert main(["average", "--out", str(tmp_path / "file"), str(tmp_path / "r")]) == 2
     assert str(tmp_path / "file") + ": exists and is not a folder" in capsys.readouterr().err
+    (tmp_path / "empty.en").write_text("\n")
+    (tmp_path / "empty.de").write_text("\n")
+    empty = _config(tmp_path, data="").read_text().replace("toy.", "empty.")
+    (tmp_path / "empty.toml").write_text(empty)
+    assert main(["train", str(tmp_path / "empty.toml"), "--out", str(tmp_path / "e")]) == 2
+    assert (f"data.train: no text in {tmp_path / 'empty.en'} / {tmp_path / 'empty.de'}"
+            in capsys.readouterr().err)
     typo = _config(tmp_path, data='test = ["toy.en", "tyo.de"]')
     assert main(["train", str(typo), "--out", str(tmp_path / "r2")]) == 2
     assert f"data.test: {tmp_path / 'tyo.de'}: no such file" in capsys.readouterr().err

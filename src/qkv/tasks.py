@@ -8,6 +8,7 @@ evaluate a model on the validation set.
 from __future__ import annotations
 
 import math
+import os
 import sys
 
 import torch
@@ -54,6 +55,12 @@ class Task:
         return batcher.batches(0)
 
 
+def _note(message: str) -> None:
+    """A line on stderr, from process 0 only under torchrun (every process reads the data)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"qkv: {message}", file=sys.stderr)
+
+
 def _check_lengths(lengths, limit: int, what: str, skip: bool, where) -> list[int]:
     """Indices of examples within `limit` tokens; an error counting the others unless skip,
     or if none is left. where(i) is example i's `file:line`."""
@@ -68,7 +75,7 @@ def _check_lengths(lengths, limit: int, what: str, skip: bool, where) -> list[in
                               "(set data.skip_long to drop)")
     if not keep:
         raise qdata.DataError(f"{what}: all {dropped} example(s) are {too_long}")
-    print(f"qkv: {what}: dropped {dropped} example(s) {too_long}", file=sys.stderr)
+    _note(f"{what}: dropped {dropped} example(s) {too_long}")
     return keep
 
 
@@ -90,7 +97,7 @@ def _read_pairs(files, what: str, **options) -> qdata.ParallelCorpus:
     corpus = qdata.read_parallel(*files, **options)
     note = _skipped_note(corpus, options.get("max_chars", 0))
     if note:
-        print(f"qkv: {what}: skipped {note}", file=sys.stderr)
+        _note(f"{what}: skipped {note}")
     _require(len(corpus), what, files)
     return corpus
 

@@ -101,7 +101,10 @@ def build_tokenizer(cfg: TrainConfig):
     """(tokenizer, text_encoding): a checkpoint's, a pretrained model's, or BPE trained now."""
     if cfg.data.tokenizer:
         return from_bytes(_read_tokenizer(cfg.data.tokenizer)), "qkv"
-    return train_bpe(_task_texts(cfg), cfg.data.vocab_size), "qkv"
+    texts = _task_texts(cfg)
+    if not any(t.strip() for t in texts):  # before BPE, which would train on nothing
+        raise ValueError(f"data.train: no text in {' / '.join(cfg.data.train)}")
+    return train_bpe(texts, cfg.data.vocab_size), "qkv"
 
 
 def _shared_tokenizer(cfg: TrainConfig, world: int):
