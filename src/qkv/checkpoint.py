@@ -25,6 +25,9 @@ from .models import MODELS
 FORMAT = "qkv-checkpoint"
 VERSION = 1
 MANIFEST = "config.json"
+# The names `qkv train` gives in a run folder: ckpt-<step> checkpoints and a `last` link.
+CKPT_PREFIX = "ckpt-"
+LAST_LINK = "last"
 
 
 class CheckpointError(ValueError):
@@ -116,15 +119,15 @@ def _check_file_keys(files: dict[str, bytes]) -> None:
 
 
 def _is_run_folder(directory: Path) -> bool:
-    """Whether `directory` looks like a `qkv train --out` folder (names as in qkv.train)."""
-    return (directory / "last").exists() or any(directory.glob("ckpt-*"))
+    """Whether `directory` looks like a `qkv train --out` folder."""
+    return (directory / LAST_LINK).exists() or any(directory.glob(f"{CKPT_PREFIX}*"))
 
 
 def _read_manifest(directory: Path) -> dict:
     path = directory / MANIFEST
     if not path.is_file() and _is_run_folder(directory):
         raise CheckpointError(f"{path}: no such file; is {directory} a run folder? use "
-                              f"{directory}/last or {directory}/ckpt-NNNNNNNN")
+                              f"{directory}/{LAST_LINK} or {directory}/{CKPT_PREFIX}NNNNNNNN")
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file (is {directory} a qkv checkpoint?)")
     try:

@@ -20,13 +20,12 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import checkpoint
+from .checkpoint import CKPT_PREFIX, LAST_LINK
 from .linear import warn_if_slow_bf16
 from .tasks import ClassificationTask, LMTask, TranslationTask
 from .tokenizer import from_bytes, to_bytes, train_bpe
 from .trainconfig import TrainConfig, load_config
 
-CKPT_PREFIX = "ckpt-"
-LAST_LINK = "last"
 METRICS = "metrics.jsonl"
 
 
@@ -303,9 +302,9 @@ def _config_changes(saved: dict, now: dict) -> list[str]:
     return changes
 
 
-def _check_resume_config(path: Path, cfg: TrainConfig) -> None:
-    """A resumed run continues exactly only with the settings it was started with."""
-    saved = json.loads(checkpoint.read_file(path, "trainer"))["config"]
+def _check_resume_config(path: Path, saved: dict, cfg: TrainConfig) -> None:
+    """A resumed run continues exactly only with the settings it was started with (`saved`,
+    the config in `path`'s trainer state)."""
     changes = _config_changes(saved, cfg.to_dict())
     if changes:
         allowed = ", ".join(f"{s}.{k}" for s, keys in RESUMABLE.items() for k in keys)
@@ -330,14 +329,15 @@ class Trainer:
         _check_data_files(cfg)
         resume_from = self._resume_point(resume)
         if resume_from is not None:
-            _check_resume_config(resume_from, cfg)
+            state = json.loads(checkpoint.read_file(resume_from, "trainer"))
+            _check_resume_config(resume_from, state["config"], cfg)
         self._build(resume_from)
         self.step, self.epoch, self.batch_index, self.tokens_seen = 0, 0, 0, 0
         self.elapsed = 0.0
         self.batcher = self._batcher()
         self._epoch_batches: list[list[int]] | None = None
         if resume_from is not None:
-            self._load_trainer_state(resume_from)
+            self._load_trainer_state(resume_from, state)
         elif self.rank == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             (self.out / METRICS).write_text("")
@@ -460,7 +460,7 @@ class Trainer:
         t = self.cfg.training
         if self.step >= t.max_steps:
             if self.rank == 0:
-                    print(f"qkv: {self.out} is already at step {self.step}, training.max_steps="
+                print(f"qkv: {self.out} is already at step {self.step}, training.max_steps="
                       f"{t.max_steps}: nothing to train (raise max_steps to continue)",
                       file=sys.stderr)
             return None
@@ -531,8 +531,7 @@ class Trainer:
             _remove_checkpoint(old)
         return path
 
-    def _load_trainer_state(self, path: Path) -> None:
-        state = json.loads(checkpoint.read_file(path, "trainer"))
+    def _load_trainer_state(self, path: Path, state: dict) -> None:
         optimizer_from_bytes(self.opt, checkpoint.read_file(path, "optimizer"),
                              state["param_groups"])
         self.step, self.epoch = state["step"], state["epoch"]

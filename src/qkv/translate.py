@@ -120,14 +120,15 @@ def resolve_decoding_arguments(args) -> None:
         _check_decoding_value(_flag(key), key, value)
     saved = _saved_decoding(args.model)
     for key, default in DECODING_DEFAULTS.items():
-        if key not in given:
-            setattr(args, key, saved.get(key, default))
-        if key not in given and key in saved:
+        if key in given:
+            continue
+        if key in saved:
             try:
                 _check_decoding_value(f"decoding.{key}", key, saved[key])
             except ValueError as e:
                 raise ValueError(f"{args.model}: {e} (saved with the checkpoint; give "
                                  f"{_flag(key)} to override it)") from None
+        setattr(args, key, saved.get(key, default))
 
 
 def _flag(key: str) -> str:
