@@ -1,11 +1,14 @@
 """F.linear vs qkv.linear.linear on a decode step's skinny inputs (few rows), float32.
 
-All 211 weight matrices of SmolLM2-135M (30 layers x q, k, v, o, gate, up, down, plus the
-49152 x 576 output layer; 540 MB, far more than the L3 cache) multiplied by an input of M
-rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear computes
-(W @ x^T)^T for 2 <= M <= 48, splits a single row's product into one block of W's rows per
-thread (one bmm), and falls back to F.linear elsewhere; this benchmark is where that comes
-from: it also times the reversed product at every M.
+`--weights smollm2` (default): all 211 weight matrices of SmolLM2-135M (30 layers x q, k,
+v, o, gate, up, down, plus the 49152 x 576 output layer; 540 MB, far more than the L3
+cache). `--weights table2`: the matrices one decoding step of hf.py's beam-search model
+multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
+q, o, fc1, fc2, plus the 8000 x 256 output layer; 17 MB). Each is multiplied by an input
+of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
+computes (W @ x^T)^T for M in SKINNY_ROWS, splits a single row's product into one block of
+W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
+where that comes from: it also times the reversed product at every M.
 """
 
 from __future__ import annotations
@@ -27,16 +30,24 @@ from common import (
 
 from qkv.linear import SKINNY_ROWS, linear
 
-SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
-          (576, 1536)] * 30 + [(49152, 576)]
+SHAPES = {
+    "smollm2": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
+                (576, 1536)] * 30 + [(49152, 576)],
+    "table2": [(256, 256)] * 6 * 3 + [(1024, 256), (256, 1024)] * 3 + [(8000, 256)],
+}
+ROWS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128)
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    p = parser(__doc__.splitlines()[0])
+    p.add_argument("--weights", choices=list(SHAPES), default="smollm2",
+                   help="which model's weight matrices (default smollm2)")
+    args = p.parse_args()
     out = setup(args)
     info = machine_info()
-    shapes = [(n // 16, k // 16) for n, k in SHAPES[:7]] if args.quick else SHAPES
-    rows_list = (1, 16) if args.quick else (1, 2, 4, 8, 16, 32, 48, 64)
+    shapes = SHAPES[args.weights]
+    shapes = [(n // 16, k // 16) for n, k in shapes[:7]] if args.quick else shapes
+    rows_list = (1, 16) if args.quick else ROWS
     repeats = args.repeats or (2 if args.quick else 5)
     ws = [torch.randn(*s) for s in shapes]
     nbytes = sum(w.numel() * 4 for w in ws)
@@ -56,7 +67,8 @@ def main() -> None:
                              fmt(base / s.median)])
             data[M] = {k: s.to_dict() for k, s in stats.items()}
     md = "\n\n".join([
-        "### Skinny linears: F.linear vs (W @ x^T)^T vs qkv.linear (float32)",
+        f"### Skinny linears ({args.weights}): F.linear vs (W @ x^T)^T vs qkv.linear "
+        "(float32)",
         context_line(info, command_line()),
         f"{len(ws)} weight matrices ({nbytes / 1e6:,.0f} MB), each multiplied by an M-row "
         f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
@@ -67,7 +79,9 @@ def main() -> None:
         "with 1 thread it calls F.linear.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
-    write(out, "skinny_linear", md, {"machine": info, "weight_bytes": nbytes, "stats": data})
+    name = "skinny_linear" + ("" if args.weights == "smollm2" else f"_{args.weights}")
+    write(out, name, md, {"machine": info, "weights": args.weights, "weight_bytes": nbytes,
+                          "stats": data})
 
 
 if __name__ == "__main__":

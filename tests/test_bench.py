@@ -115,3 +115,20 @@ def test_hf_quick_with_and_without_the_kernel(tmp_path):
     assert data["lm"]["logit_max_abs_diff"] < 1e-4 and data["mt"]["logit_max_abs_diff"] < 1e-4
     assert set(data["mt"]["mt"]["stats"]) == {"Hugging Face", "qkv", "qkv without kernel"}
     assert "| qkv without kernel |" in (tmp_path / "hf.md").read_text()
+
+
+@pytest.mark.parametrize("weights", ["smollm2", "table2"])
+def test_skinny_linear_quick_times_every_product(weights, tmp_path):
+    import subprocess
+
+    done = subprocess.run([sys.executable, str(BENCH / "skinny_linear.py"), "--quick",
+                           "--weights", weights, "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    name = "skinny_linear" + ("" if weights == "smollm2" else "_table2")
+    data = json.loads((tmp_path / f"{name}.json").read_text())
+    assert data["weights"] == weights
+    assert set(data["stats"]) == {"1", "16"}  # --quick's row counts (JSON keys)
+    for stats in data["stats"].values():
+        assert set(stats) == {"F.linear", "(W @ x^T)^T", "qkv.linear"}
+    assert f"Skinny linears ({weights})" in (tmp_path / f"{name}.md").read_text()
