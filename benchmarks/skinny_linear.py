@@ -4,7 +4,7 @@
 v, o, gate, up, down, plus the 49152 x 576 output layer; 540 MB, far more than the L3
 cache). `--weights table2`: the matrices one decoding step of hf.py's beam-search model
 multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
-q, o, fc1, fc2, plus the 8000 x 256 output layer; 17 MB). Each is multiplied by an input
+q, o, fc1, fc2, plus the 8000 x 256 output layer; 19 MB). Each is multiplied by an input
 of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
 computes (W @ x^T)^T for M in SKINNY_ROWS, splits a single row's product into one block of
 W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
