@@ -79,7 +79,7 @@ def _check_lengths(lengths, limit: int, what: str, skip: bool, where) -> list[in
     return keep
 
 
-def _require(n: int, what: str, files, unit: str = "sentence pairs") -> None:
+def require_examples(n: int, what: str, files, unit: str = "sentence pairs") -> None:
     """An empty set fails when it is read, not at the first batch or evaluation."""
     if not n:
         raise qdata.DataError(f"{what}: no {unit} in {' / '.join(map(str, files))}")
@@ -98,7 +98,7 @@ def _read_pairs(files, what: str, **options) -> qdata.ParallelCorpus:
     note = _skipped_note(corpus, options.get("max_chars", 0))
     if note:
         _note(f"{what}: skipped {note}")
-    _require(len(corpus), what, files)
+    require_examples(len(corpus), what, files)
     return corpus
 
 
@@ -175,7 +175,7 @@ class ClassificationTask(Task):
         self.tok, self.text_encoding = tok, text_encoding
         path = cfg.data.train[0]
         labels, texts = qdata.read_sst2(path)
-        _require(len(texts), "data.train", [path], "labelled sentences")
+        require_examples(len(texts), "data.train", [path], "labelled sentences")
         self.ids = [encode_text(tok, t, text_encoding) for t in texts]
         keep = _check_lengths([len(x) for x in self.ids], max_seq_len, "data.train",
                               cfg.data.skip_long, lambda i: f"{path}:{i + 1}")
@@ -184,7 +184,7 @@ class ClassificationTask(Task):
         self.vids = self.vlabels = None
         if cfg.data.valid:
             vlabels, vtexts = qdata.read_sst2(cfg.data.valid[0])
-            _require(len(vtexts), "data.valid", cfg.data.valid, "labelled sentences")
+            require_examples(len(vtexts), "data.valid", cfg.data.valid, "labelled sentences")
             vids = [encode_text(tok, t, text_encoding)[:max_seq_len] for t in vtexts]
             self.vids, self.vlabels = vids, vlabels
 
@@ -230,7 +230,7 @@ class LMTask(Task):
         ids = [BOS_ID]
         for line in qdata.read_lines(path):
             ids += encode(self.tok, line, eos=True)
-        _require(len(ids) - 1, what, [path], "text")
+        require_examples(len(ids) - 1, what, [path], "text")
         return [ids[i : i + T + 1] for i in range(0, max(1, len(ids) - 1), T)]
 
     def collate(self, indices, blocks=None):

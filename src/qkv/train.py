@@ -22,7 +22,7 @@ from safetensors.torch import save as st_save
 from . import checkpoint
 from .checkpoint import CKPT_PREFIX, LAST_LINK
 from .linear import warn_if_slow_bf16
-from .tasks import ClassificationTask, LMTask, TranslationTask
+from .tasks import ClassificationTask, LMTask, TranslationTask, require_examples
 from .tokenizer import from_bytes, to_bytes, train_bpe
 from .trainconfig import TrainConfig, load_config
 
@@ -101,8 +101,8 @@ def build_tokenizer(cfg: TrainConfig):
     if cfg.data.tokenizer:
         return from_bytes(_read_tokenizer(cfg.data.tokenizer)), "qkv"
     texts = _task_texts(cfg)
-    if not any(t.strip() for t in texts):  # before BPE, which would train on nothing
-        raise ValueError(f"data.train: no text in {' / '.join(cfg.data.train)}")
+    # before BPE, which would train on nothing
+    require_examples(sum(bool(t.strip()) for t in texts), "data.train", cfg.data.train, "text")
     return train_bpe(texts, cfg.data.vocab_size), "qkv"
 
 
