@@ -27,6 +27,7 @@ from common import (
 )
 
 from qkv import DecoderLM, KVCache, ModelConfig, count_parameters, kernel
+from qkv.linear import packing_disabled
 
 SMOLLM2 = dict(
     vocab_size=49152, d_model=576, n_heads=9, n_kv_heads=3, n_layers=30, d_ff=1536,
@@ -64,17 +65,22 @@ def weight_bytes(model: DecoderLM) -> int:
 
 
 def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
-                repeats: int, probe: torch.Tensor, compare_kernel: bool = False) -> list[dict]:
+                repeats: int, probe: torch.Tensor, compare_kernel: bool = False,
+                compare_packed: bool = False) -> list[dict]:
     """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved; with
-    compare_kernel also each variant without the compiled decode attention."""
+    compare_kernel also each variant without the compiled decode attention, with
+    compare_packed each without packed weights."""
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
-    if compare_kernel:
-        fns |= {("sdpa", g): kernel.disabled()(step_fn(m, caches[g], context, steps))
-                for g, m in models.items()}
+    for on, name, off in [(compare_kernel, "sdpa", kernel.disabled),
+                          (compare_packed, "unpacked", packing_disabled)]:
+        if on:
+            fns |= {(name, g): off()(step_fn(m, caches[g], context, steps))
+                    for g, m in models.items()}
     stats = measure({**fns, "probe": probe.sum}, repeats, 1)
     p = stats.pop("probe")
     sdpa = {g: stats.pop(("sdpa", g)) for g in models if ("sdpa", g) in stats}
+    unpacked = {g: stats.pop(("unpacked", g)) for g in models if ("unpacked", g) in stats}
     bw = tuple(probe.numel() * 4 / t / 1e9 for t in (p.median, p.max, p.min))  # GB/s
     rows = []
     for g, s in stats.items():
@@ -91,6 +97,10 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
             rows[-1] |= dict(sdpa_step_ms=sdpa[g].scaled(1e3 / steps),
                              kernel_speedup=sdpa[g].median / s.median,
                              sdpa_vs_mha=sdpa[cfg.n_heads].median / sdpa[g].median)
+        if g in unpacked:
+            rows[-1] |= dict(unpacked_step_ms=unpacked[g].scaled(1e3 / steps),
+                             packed_speedup=unpacked[g].median / s.median,
+                             unpacked_vs_mha=unpacked[cfg.n_heads].median / unpacked[g].median)
     return rows
 
 
@@ -129,6 +139,16 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
                   [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["sdpa_step_ms"]),
                     fmt(r["sdpa_step_ms"][0] / r["bound_ms"]), fmt(r["kernel_speedup"]),
                     fmt(r["sdpa_vs_mha"])] for r in rows])])
+    if "unpacked_step_ms" in rows[0]:
+        compared += "\n\n" + "\n\n".join([
+            "The same steps without packed weights (`linear.packing_disabled()`: qkv's "
+            "linear layers as before session 11), interleaved with the rows above:",
+            table(["kv heads", "batch", "context", "unpacked ms/step", "step/bound",
+                   "packed speed-up", "speed-up vs MHA"],
+                  [[r["n_kv_heads"], r["batch"], r["context"],
+                    fmt_stats(*r["unpacked_step_ms"]),
+                    fmt(r["unpacked_step_ms"][0] / r["bound_ms"]), fmt(r["packed_speedup"]),
+                    fmt(r["unpacked_vs_mha"])] for r in rows])])
     kv_rows = [[g, f"{b:,}", fmt(b / kv[0][1])] for g, b in kv]
     return "\n\n".join([
         "### Decoding against the memory-bandwidth bound",
@@ -152,6 +172,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], dtype=True)
     p.add_argument("--compare-kernel", action="store_true",
                    help="also time every step without the compiled decode attention")
+    p.add_argument("--compare-packed", action="store_true",
+                   help="also time every step without oneDNN's packed weights")
     args = p.parse_args()
     out = setup(args)
     info = machine_info()
@@ -167,7 +189,7 @@ def main() -> None:
     for batch in batches:
         for context in contexts:
             rows += bench_point(models, batch, context, steps, repeats, probe,
-                                args.compare_kernel)
+                                args.compare_kernel, args.compare_packed)
     name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
     plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg

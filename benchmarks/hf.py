@@ -32,6 +32,7 @@ from torch import nn
 from qkv import DecoderLM, EncoderDecoder, ModelConfig, kernel
 from qkv.generate import generate
 from qkv.layers import sinusoidal_table
+from qkv.linear import packing_disabled
 from qkv.search import beam_search
 
 # ------------------------------------------------------------------ weight copying
@@ -134,9 +135,17 @@ def max_logit_diff_mt(hf, ours, src, tgt) -> float:
 
 
 NO_KERNEL = "qkv without kernel"  # qkv with kernel.disabled(): PyTorch's SDPA instead
+UNPACKED = "qkv without packed weights"  # qkv with linear.packing_disabled()
 
 
-def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = False):
+def variants(run_ours, compare_kernel: bool, compare_packed: bool) -> dict:
+    """qkv's own comparison runs: without the decode kernel, without packed weights."""
+    return (({NO_KERNEL: kernel.disabled()(run_ours)} if compare_kernel else {})
+            | ({UNPACKED: packing_disabled()(run_ours)} if compare_packed else {}))
+
+
+def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = False,
+           compare_packed: bool = False):
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
     mask = torch.ones_like(prompts)
@@ -151,10 +160,11 @@ def lm_fns(hf, ours, prompts: torch.Tensor, new: int, compare_kernel: bool = Fal
         generate(ours, lists, new)
 
     fns = {"Hugging Face": run_hf, "qkv": run_ours}
-    return fns | ({NO_KERNEL: kernel.disabled()(run_ours)} if compare_kernel else {})
+    return fns | variants(run_ours, compare_kernel, compare_packed)
 
 
-def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = False):
+def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = False,
+           compare_packed: bool = False):
     hf.generation_config.eos_token_id = 3
     hf.generation_config.forced_eos_token_id = 3  # eos at max_length, as qkv's limit does
     mask = torch.ones_like(src)
@@ -168,7 +178,7 @@ def mt_fns(hf, ours, src: torch.Tensor, out_len: int, compare_kernel: bool = Fal
         beam_search(ours, src, beam=4, max_len=out_len, min_len=out_len)
 
     fns = {"Hugging Face": run_hf, "qkv": run_ours}
-    return fns | ({NO_KERNEL: kernel.disabled()(run_ours)} if compare_kernel else {})
+    return fns | variants(run_ours, compare_kernel, compare_packed)
 
 
 def speedup_cells(stats: dict, name: str) -> list[str]:
@@ -193,7 +203,8 @@ def lm_section(args, repeats: int) -> tuple[list, dict]:
     rows, data = [], {"logit_max_abs_diff": diff}
     for batch in (1, 16) if not args.quick else (1, 2):
         prompts = torch.randint(4, cfg["vocab_size"], (batch, prompt))
-        stats = measure(lm_fns(hf, ours, prompts, new, args.compare_kernel), repeats, 1)
+        stats = measure(lm_fns(hf, ours, prompts, new, args.compare_kernel,
+                                      args.compare_packed), repeats, 1)
         tps = {k: (batch * new / s.median, batch * new / s.max, batch * new / s.min)
                for k, s in stats.items()}
         ratio = stats["Hugging Face"].median / stats["qkv"].median
@@ -218,7 +229,7 @@ def mt_section(args, repeats: int) -> tuple[list, dict]:
     src = torch.randint(4, cfg.vocab_size, (B, S))
     tgt = torch.cat([torch.full((B, 1), 2), torch.randint(4, cfg.vocab_size, (B, 9))], 1)
     diff = max_logit_diff_mt(hf, ours, src, tgt)
-    stats = measure(mt_fns(hf, ours, src, L, args.compare_kernel), repeats, 1)
+    stats = measure(mt_fns(hf, ours, src, L, args.compare_kernel, args.compare_packed), repeats, 1)
     tps = {k: (B * L / s.median, B * L / s.max, B * L / s.min) for k, s in stats.items()}
     ratio = stats["Hugging Face"].median / stats["qkv"].median
     cpu_ratio = stats["Hugging Face"].cpu_median / stats["qkv"].cpu_median
@@ -233,6 +244,8 @@ def main() -> None:
     p = parser(__doc__.splitlines()[0], dtype=True)
     p.add_argument("--compare-kernel", action="store_true",
                    help=f"also run qkv without its compiled decode attention ('{NO_KERNEL}')")
+    p.add_argument("--compare-packed", action="store_true",
+                   help=f"also run qkv without oneDNN's packed weights ('{UNPACKED}')")
     args = p.parse_args()
     out = setup(args)
     info = machine_info()
@@ -257,7 +270,10 @@ def main() -> None:
         "HF time / qkv time from wall-clock and from CPU medians."
         + (f" '{NO_KERNEL}': qkv with `kernel.disabled()`, i.e. PyTorch's SDPA for the "
            "decode steps' attention, interleaved with the others." if args.compare_kernel
-           else ""),
+           else "")
+        + (f" '{UNPACKED}': qkv with `linear.packing_disabled()`, i.e. its linear layers "
+           "without oneDNN's packed weights, interleaved with the others."
+           if args.compare_packed else ""),
         table(["task", "library", "wall s", "CPU s", "new tokens/s (wall)",
                "qkv speed-up (wall)", "qkv speed-up (CPU)"], lm_rows + mt_rows),
     ])

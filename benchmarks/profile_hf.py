@@ -13,7 +13,8 @@ from hf import llama_config, llama_to_qkv, lm_fns, marian_config, marian_to_qkv,
 from torch.profiler import ProfilerActivity, profile
 
 GROUPS = {
-    "linear (matmul)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul"),
+    "linear (matmul)": ("aten::addmm", "aten::mm", "aten::bmm", "aten::linear", "aten::matmul",
+                        "mkldnn::_linear_pointwise"),
     "attention kernel": ("aten::_scaled_dot_product_flash_attention_for_cpu",
                          "aten::_scaled_dot_product_attention_math", "aten::_softmax"),
     "cache copies (cat, index_select, index, copy_)": ("aten::cat", "aten::index_select",

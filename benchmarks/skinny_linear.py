@@ -6,9 +6,10 @@ cache). `--weights table2`: the matrices one decoding step of hf.py's beam-searc
 multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
 q, o, fc1, fc2, plus the 8000 x 256 output layer; 19 MB). Each is multiplied by an input
 of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
-computes (W @ x^T)^T for M in SKINNY_ROWS, splits a single row's product into one block of
-W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
-where that comes from: it also times the reversed product at every M.
+uses oneDNN with a packed weight from 4 rows for big enough products, computes
+(W @ x^T)^T for the other M in SKINNY_ROWS, splits a single row's product into one block
+of W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
+where that comes from: it also times the reversed and the packed product at every M.
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from common import (
     write,
 )
 
-from qkv.linear import SKINNY_ROWS, linear
+from qkv.linear import (
+    PACKED_MIN_MACS,
+    PACKED_MIN_ROWS,
+    SKINNY_ROWS,
+    linear,
+    packed_weight,
+    packing_disabled,
+)
 
 SHAPES = {
     "smollm2": [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576),
@@ -58,6 +66,10 @@ def main() -> None:
             fns = {
                 "F.linear": lambda xs=xs: [F.linear(xs[w.shape[1]], w) for w in ws],
                 "(W @ x^T)^T": lambda xs=xs: [torch.mm(w, xs[w.shape[1]].T).T for w in ws],
+                "qkv.linear unpacked": packing_disabled()(
+                    lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws]),
+                "oneDNN packed": lambda xs=xs: [torch.ops.mkldnn._linear_pointwise(
+                    xs[w.shape[1]], packed_weight(w), None, "none", [], "") for w in ws],
                 "qkv.linear": lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws],
             }
             stats = measure(fns, repeats, 1)
@@ -67,16 +79,20 @@ def main() -> None:
                              fmt(base / s.median)])
             data[M] = {k: s.to_dict() for k, s in stats.items()}
     md = "\n\n".join([
-        f"### Skinny linears ({args.weights}): F.linear vs (W @ x^T)^T vs qkv.linear "
-        "(float32)",
+        f"### Skinny linears ({args.weights}): F.linear vs (W @ x^T)^T vs oneDNN packed vs "
+        "qkv.linear (float32)",
         context_line(info, command_line()),
         f"{len(ws)} weight matrices ({nbytes / 1e6:,.0f} MB), each multiplied by an M-row "
         f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
-        "warm-up, the three interleaved; GB/s = weight bytes / time; speed-up = F.linear "
-        f"time / this time. qkv.linear reverses the product for M in {SKINNY_ROWS.start}-"
-        f"{SKINNY_ROWS.stop - 1}; for M = 1, with 2 or more threads, it multiplies one block "
-        "of W's rows per thread in one bmm (when the thread count divides W's rows), and "
-        "with 1 thread it calls F.linear.",
+        "warm-up, all interleaved; GB/s = weight bytes / time; speed-up = F.linear "
+        "time / this time. 'oneDNN packed': torch.ops.mkldnn._linear_pointwise with the "
+        "weight packed once beforehand (not timed). qkv.linear uses it for a matrix when "
+        f"M >= {PACKED_MIN_ROWS} and M x N x C >= {PACKED_MIN_MACS:,}; otherwise it "
+        f"reverses the product for M in {SKINNY_ROWS.start}-{SKINNY_ROWS.stop - 1}; for "
+        "M = 1, with 2 or more threads, it multiplies one block of W's rows per thread in one "
+        "bmm (when the thread count divides W's rows), and with 1 thread it calls F.linear. "
+        "'qkv.linear unpacked': qkv.linear with `packing_disabled()`, its path before "
+        "session 11.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
     name = "skinny_linear" + ("" if args.weights == "smollm2" else f"_{args.weights}")

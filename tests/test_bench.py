@@ -36,12 +36,15 @@ def test_decode_quick_rows_and_plot(tmp_path):
     assert (tmp_path / "decode_bound.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_decode_compares_with_and_without_the_kernel(tmp_path):
-    assert main(["bench", "decode", "--quick", "--compare-kernel", "--out", str(tmp_path)]) == 0
-    assert "without the compiled decode attention" in (tmp_path / "decode_bound.md").read_text()
+def test_decode_compares_with_and_without_the_kernel_and_packed_weights(tmp_path):
+    assert main(["bench", "decode", "--quick", "--compare-kernel", "--compare-packed",
+                 "--out", str(tmp_path)]) == 0
+    md = (tmp_path / "decode_bound.md").read_text()
+    assert "without the compiled decode attention" in md and "without packed weights" in md
     rows = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
     for r in rows:
         assert r["kernel_speedup"] == pytest.approx(r["sdpa_step_ms"][0] / r["step_ms"][0])
+        assert r["packed_speedup"] == pytest.approx(r["unpacked_step_ms"][0] / r["step_ms"][0])
 
 
 def test_decode_bfloat16_halves_the_bytes(tmp_path):
@@ -81,6 +84,9 @@ def test_bench_errors(tmp_path, monkeypatch, capsys):
     assert main(["bench", "machine", "--compare-kernel"]) == 2
     assert "--compare-kernel applies to decode and hf only, not machine" in (
         capsys.readouterr().err)
+    assert main(["bench", "train", "--compare-packed"]) == 2
+    assert "--compare-packed applies to decode and hf only, not train" in (
+        capsys.readouterr().err)
     monkeypatch.setenv("QKV_BENCHMARKS", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="benchmark scripts not found"):
         benchmarks_dir()
@@ -103,18 +109,20 @@ def test_decode_attention_quick_rows_and_agreement(tmp_path):
     assert kv[9] == 9 * kv[1] and kv[3] == 3 * kv[1]
 
 
-def test_hf_quick_with_and_without_the_kernel(tmp_path):
-    """hf.py on tiny models: same logits as Hugging Face, and the no-kernel rows."""
+def test_hf_quick_with_and_without_the_kernel_and_packed_weights(tmp_path):
+    """hf.py on tiny models: same logits as Hugging Face, and the no-kernel and unpacked rows."""
     import subprocess
 
     done = subprocess.run([sys.executable, str(BENCH / "hf.py"), "--quick", "--compare-kernel",
-                           "--threads", "1", "--out", str(tmp_path)], capture_output=True,
-                          text=True)
+                           "--compare-packed", "--threads", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     data = json.loads((tmp_path / "hf.json").read_text())
     assert data["lm"]["logit_max_abs_diff"] < 1e-4 and data["mt"]["logit_max_abs_diff"] < 1e-4
-    assert set(data["mt"]["mt"]["stats"]) == {"Hugging Face", "qkv", "qkv without kernel"}
-    assert "| qkv without kernel |" in (tmp_path / "hf.md").read_text()
+    assert set(data["mt"]["mt"]["stats"]) == {"Hugging Face", "qkv", "qkv without kernel",
+                                              "qkv without packed weights"}
+    md = (tmp_path / "hf.md").read_text()
+    assert "| qkv without kernel |" in md and "| qkv without packed weights |" in md
 
 
 @pytest.mark.parametrize("weights", ["smollm2", "table2"])
@@ -130,5 +138,6 @@ def test_skinny_linear_quick_times_every_product(weights, tmp_path):
     assert data["weights"] == weights
     assert set(data["stats"]) == {"1", "16"}  # --quick's row counts (JSON keys)
     for stats in data["stats"].values():
-        assert set(stats) == {"F.linear", "(W @ x^T)^T", "qkv.linear"}
+        assert set(stats) == {"F.linear", "(W @ x^T)^T", "qkv.linear unpacked", "oneDNN packed",
+                              "qkv.linear"}
     assert f"Skinny linears ({weights})" in (tmp_path / f"{name}.md").read_text()

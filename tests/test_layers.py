@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.testing import assert_close
 
+import qkv.linear as QL
 from qkv import preset
 from qkv.layers import (
     DecoderLayer,
@@ -241,3 +242,105 @@ def test_linear_trains_like_nn_linear():
         for dtype in (torch.float64, torch.bfloat16):
             layer = Linear(6, 5).to(dtype)
             assert layer(x.to(dtype)).is_contiguous()
+
+
+# --------------------------------------------------------------------- packed weights
+
+
+def _packed_layer(bias: bool, dtype=torch.float32) -> Linear:
+    torch.manual_seed(1)
+    return Linear(256, 512, bias=bias).to(dtype)  # 16 rows x 512 x 256 = 2^21 multiply-adds
+
+
+@pytest.mark.parametrize("rows", [4, 16, 64, 300])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_equals_f_linear(rows, bias):
+    layer = _packed_layer(bias)
+    x = torch.randn(rows, 1, 256)
+    QL.clear_packed()
+    with torch.inference_mode():
+        y = layer(x)
+    big = rows * 512 * 256 >= QL.PACKED_MIN_MACS
+    assert (layer.weight in QL._packed) == big and y.shape == (rows, 1, 512)
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_packed_weight_is_made_again_after_the_weight_changes():
+    """An optimizer step or load_state_dict changes the weight in place: the packed copy
+    must follow, or inference after training would use the old weights."""
+    layer, x = _packed_layer(True), torch.randn(16, 256)
+    with torch.no_grad():
+        before = layer(x)
+        packed = QL.packed_weight(layer.weight)
+        layer.weight.mul_(2)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+        assert QL.packed_weight(layer.weight) is not packed
+        layer.load_state_dict(_packed_layer(True).state_dict())
+        torch.testing.assert_close(layer(x), before, rtol=1e-5, atol=1e-4)
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(x).square().sum().backward()  # gradients on: F.linear, nothing packed
+    opt.step()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+
+
+def test_packing_can_be_switched_off(monkeypatch):
+    layer, x = _packed_layer(False), torch.randn(16, 256)
+    QL.clear_packed()
+    with torch.no_grad():
+        with QL.packing_disabled():
+            layer(x)
+        assert layer.weight not in QL._packed
+        monkeypatch.setenv("QKV_PACKED", "0")
+        layer(x)
+        assert layer.weight not in QL._packed
+        monkeypatch.setenv("QKV_PACKED", "yes")
+        with pytest.raises(ValueError, match=r"QKV_PACKED='yes' must be 0 \(never pack"):
+            layer(x)
+        monkeypatch.setenv("QKV_PACKED", "1")
+        layer(x)
+        assert layer.weight in QL._packed
+
+
+def test_packed_copy_goes_with_its_weight():
+    import gc
+
+    layer = _packed_layer(False)
+    with torch.no_grad():
+        layer(torch.randn(16, 256))
+    n = len(QL._packed)
+    del layer
+    gc.collect()
+    assert len(QL._packed) == n - 1
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning",
+                            "ignore:.*torch.jit.trace.*:DeprecationWarning")
+def test_inference_tensor_weights_and_tracing_are_not_packed():
+    """An inference tensor has no version counter to notice changes; a trace would record
+    the packed copy as a constant. Both take the unpacked paths, with the same results."""
+    x = torch.randn(16, 256)
+    with torch.inference_mode():
+        layer = _packed_layer(True)
+        y = layer(x)
+    assert layer.weight.is_inference() and layer.weight not in QL._packed
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+    plain = _packed_layer(True)
+    QL.clear_packed()
+    with torch.no_grad():
+        traced = torch.jit.trace(plain, x, check_trace=False)  # the check runs it untraced
+    assert plain.weight not in QL._packed
+    assert "mkldnn" not in str(traced.graph)
+
+
+@pytest.mark.skipif(not QL.bf16_is_native(), reason="this CPU has no bfloat16 matmul units")
+@pytest.mark.parametrize("rows", [1, 16])
+def test_packed_linear_bfloat16(rows):
+    layer, x = _packed_layer(True, torch.bfloat16), torch.randn(rows, 256).bfloat16()
+    QL.clear_packed()
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.weight in QL._packed and y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=2e-2, atol=5e-2)

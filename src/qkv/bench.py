@@ -22,7 +22,7 @@ BENCHMARKS: dict[str, str] = {
     "train": "train_throughput.py",
 }
 WITH_DTYPE = {"decode", "hf"}  # the benchmarks that take --dtype
-WITH_KERNEL_COMPARISON = {"decode", "hf"}  # ... and --compare-kernel
+WITH_KERNEL_COMPARISON = {"decode", "hf"}  # ... and --compare-kernel, --compare-packed
 
 
 def benchmarks_dir() -> Path:
@@ -40,8 +40,9 @@ def script_args(args, name: str) -> list[str]:
     extra = ["--quick"] if args.quick else []
     if args.dtype != "float32" and name in WITH_DTYPE:
         extra += ["--dtype", args.dtype]
-    if args.compare_kernel and name in WITH_KERNEL_COMPARISON:
-        extra += ["--compare-kernel"]
+    for flag in ("compare_kernel", "compare_packed"):
+        if getattr(args, flag) and name in WITH_KERNEL_COMPARISON:
+            extra += ["--" + flag.replace("_", "-")]
     for flag in ("repeats", "threads"):
         value = getattr(args, flag)
         if value is not None:
@@ -65,6 +66,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--compare-kernel", action="store_true",
                         help="decode and hf: also time qkv without its compiled decode "
                              "attention, interleaved")
+    parser.add_argument("--compare-packed", action="store_true",
+                        help="decode and hf: also time qkv without oneDNN's packed weights "
+                             "(qkv.linear), interleaved")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 
@@ -75,9 +79,11 @@ def run_bench(args) -> int:
     if args.dtype != "float32" and not WITH_DTYPE & set(names):
         raise ValueError(f"--dtype {args.dtype} applies to {' and '.join(sorted(WITH_DTYPE))} "
                          f"only, not {args.which}")
-    if args.compare_kernel and not WITH_KERNEL_COMPARISON & set(names):
-        raise ValueError("--compare-kernel applies to "
-                         f"{' and '.join(sorted(WITH_KERNEL_COMPARISON))} only, not {args.which}")
+    for flag in ("compare_kernel", "compare_packed"):
+        if getattr(args, flag) and not WITH_KERNEL_COMPARISON & set(names):
+            raise ValueError(f"--{flag.replace('_', '-')} applies to "
+                             f"{' and '.join(sorted(WITH_KERNEL_COMPARISON))} only, "
+                             f"not {args.which}")
     failed = []
     for name in names:
         print(f"== qkv bench {name}", flush=True)

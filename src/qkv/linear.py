@@ -1,4 +1,4 @@
-"""Linear layers that multiply skinny inputs the other way round, for decoding.
+"""Linear layers for inference: oneDNN with packed weights, skinny products reversed.
 
 F.linear computes x @ W^T. When x has only a few rows (a decoding step of a batch), the
 CPU's GEMM handles the weight as the second operand and re-packs all of it on every call.
@@ -12,29 +12,54 @@ strides.
 A single row is a matrix-vector product, which MKL ran on one core of the EPYC at about
 half the memory bandwidth. `linear` splits W into one block of rows per thread and lets
 `torch.bmm` run the blocks side by side.
+
+From 4 rows up, for weights big enough, `linear` uses oneDNN (shipped inside PyTorch) with
+the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): on a
+2-core AMD EPYC Zen 4, SmolLM2's matrices at 16 rows took 0.57x the time of the reversed
+product and 0.53x that of F.linear (docs/benchmarks.md, session 11). The packed copy costs
+the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import threading
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 # (W @ x^T)^T was measured faster at 8-48 rows on the Xeon and 2-64 on the EPYC (float32,
 # no autograd); at 2-7 rows the Xeon measured 0.96x (4 rows), at 64 rows 0.97x.
 SKINNY_ROWS = range(2, 49)
+# oneDNN with a packed weight, measured per matrix shape on the Zen 4 (2 threads): float32
+# faster than the paths here from 4 rows when rows x N x C >= 2^20 multiply-adds (below,
+# its ~20 us per call loses: 0.8-1.0x); bfloat16 faster at every row count from 128 x 128.
+PACKED_MIN_ROWS = 4
+PACKED_MIN_MACS = 1 << 20
+PACKED_MIN_BF16_WEIGHT = 1 << 14
+
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (data_ptr, version, packed)
+_switch = threading.local()  # .off: set by `packing_disabled()` in this thread only
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (..., C) @ weight (N, C)^T + bias (N,) -> (..., N), like F.linear."""
     rows = math.prod(x.shape[:-1])
-    if (x.dtype != torch.float32 or weight.dtype != torch.float32 or torch.is_grad_enabled()
-            or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
+    if (x.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != x.dtype
+            or torch.is_grad_enabled() or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or (bias is not None and bias.shape != weight.shape[:1])):
         return F.linear(x, weight, bias)  # also for its errors and broadcasting rules
+    if _use_packed(x, weight, bias, rows):
+        y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]),
+                                               packed_weight(weight), bias, "none", [], "")
+        return y.view(*x.shape[:-1], weight.shape[0])
+    if x.dtype != torch.float32:
+        return F.linear(x, weight, bias)
     if rows == 1:
         return _matvec(x, weight, bias)
     if rows not in SKINNY_ROWS:
@@ -58,6 +83,76 @@ def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     xs = x.reshape(1, C).T.expand(P, C, 1)  # (P, C, 1), strides (0, 1, C)
     y = torch.bmm(w, xs) if bias is None else torch.baddbmm(bias.view(P, N // P, 1), w, xs)
     return y.view(*x.shape[:-1], N)  # (P, N/P, 1) -> (..., N), contiguous
+
+
+def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
+    N, C = weight.shape
+    if x.dtype == torch.bfloat16:
+        big = N * C >= PACKED_MIN_BF16_WEIGHT and bf16_is_native()
+    else:
+        big = rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS
+    return (big and rows > 0 and _packing_on() and (bias is None or bias.dtype == x.dtype)
+            and all(_plain(t) for t in (x, weight, bias) if t is not None)
+            and not weight.is_inference() and not _transformed())
+
+
+def packed_weight(weight: Tensor) -> Tensor:
+    """oneDNN's packed copy of `weight` (N, C), made at first use and kept while `weight`
+    lives; made again once `weight` changes in place (an optimizer step, load_state_dict)."""
+    key = (weight.data_ptr(), weight._version)
+    hit = _packed.get(weight)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    with torch.inference_mode():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
+    _packed[weight] = (key, packed)
+    return packed
+
+
+def clear_packed() -> None:
+    """Free every packed copy (they are made again at the next use)."""
+    _packed.clear()
+
+
+@contextmanager
+def packing_disabled():
+    """`linear` without packed weights inside the block, in this thread (others keep them):
+    for comparisons in one process."""
+    before, _switch.off = getattr(_switch, "off", False), True
+    try:
+        yield
+    finally:
+        _switch.off = before
+
+
+def _packing_on() -> bool:
+    if getattr(_switch, "off", False):
+        return False
+    value = os.environ.get("QKV_PACKED", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"QKV_PACKED={value!r} must be 0 (never pack weights) or 1/unset (pack)")
+    return value != "0" and _HAVE_PACKED
+
+
+_HAVE_PACKED = (torch.backends.mkldnn.is_available()
+                and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+                and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def _plain(t: Tensor) -> bool:
+    """A dense CPU tensor that no transform (vmap, fake or subclass tensors) wraps."""
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+            and t.layout == torch.strided and not _functorch_wrapped(t))
+
+
+_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
+                             lambda t: False)
+
+
+def _transformed() -> bool:
+    """Tracing, compiling or forward-mode AD: keep to F.linear, which they all know."""
+    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
+            or torch.autograd.forward_ad._current_level >= 0)
 
 
 def bf16_is_native() -> bool:
