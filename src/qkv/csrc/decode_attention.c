@@ -85,6 +85,15 @@ static inline v8 exp8(v8 x) {
     return p;
 }
 
+/* Prefetch keys [a, b) of the tile at k (stride ks) into L2. With several blocks of rows the
+   first block's pass over a tile reads it from memory and the others from L1; fetching the
+   next tile meanwhile overlapped the two (MQA's 9 rows: 1.3x faster on the Zen 4). With one
+   block there is nothing to overlap, and it cost time. */
+static inline void prefetch_keys(const float *k, long ks, int D, int a, int b) {
+    for (int t = a; t < b; t++)
+        for (int d = 0; d < D; d += 16) __builtin_prefetch(k + t * ks + d, 0, 1);
+}
+
 /* p[r][t] = q[r] . k[t] for the R rows (q already scaled by 1/sqrt(D)) and t in [t0, t1),
    a tile of keys that stays in L1 while all R rows use it. */
 static inline __attribute__((always_inline)) void scores(
@@ -93,9 +102,13 @@ static inline __attribute__((always_inline)) void scores(
 {
     const int C = D / 8;
     int r = 0;
+    const int nk = S - t1 < t1 - t0 ? S - t1 : t1 - t0, iters = (R / NB) * ((t1 - t0) / 8) + 1;
+    int it = 0;
     for (; NB > 1 && r + NB <= R; r += NB) {  /* NB rows at once: a key vector serves all */
         int t = t0;
-        for (; t + 8 <= t1; t += 8) {
+        for (; t + 8 <= t1; t += 8, it++) {
+            if (R >= 2 * NB)  /* the next tile, spread over this one's iterations */
+                prefetch_keys(k + t1 * ks, ks, D, it * nk / iters, (it + 1) * nk / iters);
             v8 a[NB][8] = {{{0}}};
             const float *kt = k + t * ks;
             for (int c = 0; c < C; c++) {
@@ -192,11 +205,15 @@ static inline __attribute__((always_inline)) void mix(
 {
     const int C = D / 8;
     int r = 0;
+    const int nk = S - t1 < t1 - t0 ? S - t1 : t1 - t0, iters = (R / NB) * (t1 - t0) + 1;
+    int it = 0;
     for (; NB > 1 && r + NB <= R && C <= 8; r += NB) {  /* NB rows at once */
         v8 acc[NB][8];
         for (int i = 0; i < NB; i++)
             for (int c = 0; c < C; c++) acc[i][c] = load8(out + (r + i) * D + 8 * c);
-        for (int t = t0; t < t1; t++) {
+        for (int t = t0; t < t1; t++, it++) {
+            if (R >= 2 * NB)
+                prefetch_keys(v + t1 * vs, vs, D, it * nk / iters, (it + 1) * nk / iters);
             v8 w[NB];
             for (int i = 0; i < NB; i++) w[i] = splat(p[(long)(r + i) * S + t]);
             for (int c = 0; c < C; c++) {
