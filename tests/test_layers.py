@@ -286,6 +286,32 @@ def test_packed_weight_is_made_again_after_the_weight_changes():
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_packed_weight_follows_adam_steps(fused):
+    """Fused Adam writes the weights without moving their version counters: validation
+    between training steps must still see the new weights."""
+    layer, x = _packed_layer(True), torch.randn(16, 256)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.1, fused=fused)
+    for _ in range(2):
+        with torch.no_grad():
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                       rtol=1e-5, atol=1e-4)
+        assert layer.weight in QL._packed
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+        assert layer.weight not in QL._packed
+
+
+def test_writes_through_data_need_clear_packed():
+    layer, x = _packed_layer(False), torch.randn(16, 256)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data.mul_(2)  # .data has its own version counter: not seen
+        QL.clear_packed()
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+
+
 def test_packing_can_be_switched_off(monkeypatch):
     layer, x = _packed_layer(False), torch.randn(16, 256)
     QL.clear_packed()

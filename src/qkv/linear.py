@@ -31,6 +31,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 # (W @ x^T)^T was measured faster at 8-48 rows on the Xeon and 2-64 on the EPYC (float32,
@@ -98,7 +99,10 @@ def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bo
 
 def packed_weight(weight: Tensor) -> Tensor:
     """oneDNN's packed copy of `weight` (N, C), made at first use and kept while `weight`
-    lives; made again once `weight` changes in place (an optimizer step, load_state_dict)."""
+    lives; made again once `weight` changes: an in-place op moves its version counter
+    (load_state_dict, SGD), and any optimizer step drops the copies of its parameters (fused
+    Adam writes without moving it). Writes through `weight.data` are not seen: call
+    `clear_packed()` after them."""
     key = (weight.data_ptr(), weight._version)
     hit = _packed.get(weight)
     if hit is not None and hit[0] == key:
@@ -112,6 +116,17 @@ def packed_weight(weight: Tensor) -> Tensor:
 def clear_packed() -> None:
     """Free every packed copy (they are made again at the next use)."""
     _packed.clear()
+
+
+def _drop_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+    """After any optimizer's step, forget the packed copies of the weights it updated."""
+    if _packed:
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                _packed.pop(p, None)
+
+
+register_optimizer_step_post_hook(_drop_after_step)
 
 
 @contextmanager
