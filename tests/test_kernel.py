@@ -57,6 +57,9 @@ SHAPES = [  # (B, H, G, T, S, D): tails of 8-key blocks and 64-key tiles, every 
     (1, 2, 1, 1, 300, 256),
     (1, 9, 1, 1, 2000, 64),  # one (row, kv head) pair: keys cut into 4 chunks across threads
     (1, 8, 2, 1, 1030, 32),  # two pairs, chunks of 258 and 256 keys
+    (2, 5, 1, 1, 77, 64),  # 5 rows: a block of 3 (on AVX-512) and 2 left over
+    (2, 8, 1, 1, 150, 32),  # 8 rows: 2 blocks, the next tile prefetched, 2 left over
+    (1, 8, 1, 2, 70, 128),  # 16 rows of D 128: blocked scores, value sums row by row
 ]
 
 
@@ -123,6 +126,16 @@ def test_nan_and_inf_inputs_give_what_sdpa_gives(built, S):
     q, k, v = tensors(1, 2, 1, 1, S, 8)
     k[0, 0, : S // 2] = float("nan")  # NaN keys in the first chunk only
     assert attention(q, k, v).isnan().all() and _sdpa_path(q, k, v).isnan().all()
+
+
+def test_nan_at_a_masked_key_is_ignored_for_blocks_of_rows(built):
+    q, k, v = tensors(2, 6, 1, 1, 40, 8)  # 6 rows per K/V head: blocks of 3 on AVX-512
+    k[:, 0, 5] = float("nan")
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[:, 5] = False
+    out = attention(q, k, v, keep[:, None, None, :])
+    assert out.isfinite().all()
+    assert_close(out, reference(q, k, v, keep), rtol=1e-5, atol=2e-6)
 
 
 def test_all_scores_minus_inf_give_what_sdpa_gives(built):

@@ -303,6 +303,29 @@ def test_packed_weight_follows_adam_steps(fused):
         assert layer.weight not in QL._packed
 
 
+def test_packed_path_takes_any_strides_and_keeps_autocast():
+    """A strided bias or input and a transposed weight give F.linear's result; under autocast
+    the product keeps autocast's dtype (F.linear's path)."""
+    layer, x = _packed_layer(True), torch.randn(16, 512)
+    strided_bias = torch.randn(1024)[::2]
+    wt = torch.randn(256, 512).T  # (512, 256), not contiguous
+    with torch.no_grad():
+        for args in [(x[:, ::2], layer.weight, layer.bias),
+                     (x[:, :256], layer.weight, strided_bias), (x[:, ::2], wt, layer.bias)]:
+            torch.testing.assert_close(linear(*args), F.linear(*args), rtol=1e-5, atol=1e-4)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x[:, :256])
+        assert y.dtype == torch.bfloat16
+
+
+def test_a_new_tensor_behind_the_weight_is_packed_again():
+    layer, x = _packed_layer(False), torch.randn(16, 256)
+    with torch.no_grad():
+        layer(x)
+        layer.weight.data = torch.randn(512, 256)  # new storage: a new data_ptr
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight), rtol=1e-5, atol=1e-4)
+
+
 def test_writes_through_data_need_clear_packed():
     layer, x = _packed_layer(False), torch.randn(16, 256)
     with torch.no_grad():

@@ -15,8 +15,9 @@ half the memory bandwidth. `linear` splits W into one block of rows per thread a
 
 From 4 rows up, for weights big enough, `linear` uses oneDNN (shipped inside PyTorch) with
 the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): on a
-2-core AMD EPYC Zen 4, SmolLM2's matrices at 16 rows took 38 ms packed against 64 ms
-reversed and 77 ms with F.linear (docs/benchmarks.md, session 11). The packed copy costs
+2-core AMD EPYC Zen 4, SmolLM2's matrices at 16 rows took 38 ms as oneDNN's packed product
+(45.5 ms through `linear` with its checks) against 64 ms reversed and 77 ms with F.linear
+(docs/benchmarks.md, session 11). The packed copy costs
 the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
 """
 
@@ -37,9 +38,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 # (W @ x^T)^T was measured faster at 8-48 rows on the Xeon and 2-64 on the EPYC (float32,
 # no autograd); at 2-7 rows the Xeon measured 0.96x (4 rows), at 64 rows 0.97x.
 SKINNY_ROWS = range(2, 49)
-# oneDNN with a packed weight, measured per matrix shape on the Zen 4 (2 threads): float32
-# faster than the paths here from 4 rows when rows x N x C >= 2^20 multiply-adds (below,
-# its ~20 us per call loses: 0.8-1.0x); bfloat16 faster at every row count from 128 x 128.
+# oneDNN with a packed weight, measured per matrix shape on the Zen 4 (2 threads, ad hoc):
+# float32 faster than the paths here when rows x N x C >= 2^20 multiply-adds (below, its
+# ~20 us per call lost: 0.8-1.0x): 1.06-1.13x at 4 rows for 1024 x 256 and 576 x 576, a tie
+# over all of SmolLM2's matrices at 4 rows, 1.6-2x from 8 (benchmarks/skinny_linear.py);
+# bfloat16 1.15-1.57x at every row count from 128 x 128.
 PACKED_MIN_ROWS = 4
 PACKED_MIN_MACS = 1 << 20
 PACKED_MIN_BF16_WEIGHT = 1 << 14
@@ -92,9 +95,11 @@ def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bo
         big = N * C >= PACKED_MIN_BF16_WEIGHT and bf16_is_native()
     else:
         big = rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS
-    return (big and rows > 0 and _packing_on() and (bias is None or bias.dtype == x.dtype)
+    return (big and rows > 0 and _packing_on()
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
             and all(_plain(t) for t in (x, weight, bias) if t is not None)
-            and not weight.is_inference() and not _transformed())
+            and not weight.is_inference() and not _transformed()
+            and not torch.is_autocast_enabled("cpu"))  # autocast picks F.linear's dtype
 
 
 def packed_weight(weight: Tensor) -> Tensor:

@@ -18,8 +18,8 @@ typedef float v8 __attribute__((vector_size(32)));
 
 /* Query rows handled together in `scores` and `mix`, so that each key and value vector loaded
    serves several rows: 3 x 8 accumulators need AVX-512's 32 vector registers (AVX2's 16
-   would spill). On the Zen 4 this made MQA's attention (9 rows) 1.2x and GQA's (3 rows)
-   1.3-1.5x faster. */
+   would spill). On the Zen 4, with the vectorised maximum, MQA's attention (9 rows) became
+   1.5x and GQA's (3 rows) 1.4x faster (ad hoc, docs/benchmarks.md, session 11). */
 #if defined(__AVX512F__)
 enum { NB = 3 };
 #else
