@@ -35,6 +35,9 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qkv.kernel import _functorch_wrapped
+from qkv.kernel import _transformed as _traced_or_forward_ad
+
 # (W @ x^T)^T was measured faster at 8-48 rows on the Xeon and 2-64 on the EPYC (float32,
 # no autograd); at 2-7 rows the Xeon measured 0.96x (4 rows), at 64 rows 0.97x.
 SKINNY_ROWS = range(2, 49)
@@ -47,7 +50,7 @@ PACKED_MIN_ROWS = 4
 PACKED_MIN_MACS = 1 << 20
 PACKED_MIN_BF16_WEIGHT = 1 << 14
 
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> (data_ptr, version, packed)
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), packed)
 _switch = threading.local()  # .off: set by `packing_disabled()` in this thread only
 
 
@@ -165,14 +168,10 @@ def _plain(t: Tensor) -> bool:
             and t.layout == torch.strided and not _functorch_wrapped(t))
 
 
-_functorch_wrapped = getattr(torch._C._functorch, "is_functorch_wrapped_tensor",
-                             lambda t: False)
-
-
 def _transformed() -> bool:
-    """Tracing, compiling or forward-mode AD: keep to F.linear, which they all know."""
-    return (torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.autograd.forward_ad._current_level >= 0)
+    """Tracing, forward-mode AD (the kernel's own test) or compiling: keep to F.linear,
+    which they all know."""
+    return _traced_or_forward_ad() or torch.compiler.is_compiling()
 
 
 def bf16_is_native() -> bool:
