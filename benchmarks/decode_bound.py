@@ -66,14 +66,16 @@ def weight_bytes(model: DecoderLM) -> int:
 
 def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
                 repeats: int, probe: torch.Tensor, compare_kernel: bool = False,
-                compare_packed: bool = False) -> list[dict]:
+                compare_packed: bool = False, compare_blocked: bool = False) -> list[dict]:
     """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved; with
     compare_kernel also each variant without the compiled decode attention, with
-    compare_packed each without packed weights."""
+    compare_packed each without packed weights, with compare_blocked each with oneDNN's
+    packed product instead of the compiled skinny one."""
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
     for on, name, off in [(compare_kernel, "sdpa", kernel.disabled),
-                          (compare_packed, "unpacked", packing_disabled)]:
+                          (compare_packed, "unpacked", packing_disabled),
+                          (compare_blocked, "onednn", lambda: packing_disabled("blocked"))]:
         if on:
             fns |= {(name, g): off()(step_fn(m, caches[g], context, steps))
                     for g, m in models.items()}
@@ -81,6 +83,7 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
     p = stats.pop("probe")
     sdpa = {g: stats.pop(("sdpa", g)) for g in models if ("sdpa", g) in stats}
     unpacked = {g: stats.pop(("unpacked", g)) for g in models if ("unpacked", g) in stats}
+    onednn = {g: stats.pop(("onednn", g)) for g in models if ("onednn", g) in stats}
     bw = tuple(probe.numel() * 4 / t / 1e9 for t in (p.median, p.max, p.min))  # GB/s
     rows = []
     for g, s in stats.items():
@@ -101,6 +104,10 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
             rows[-1] |= dict(unpacked_step_ms=unpacked[g].scaled(1e3 / steps),
                              packed_speedup=unpacked[g].median / s.median,
                              unpacked_vs_mha=unpacked[cfg.n_heads].median / unpacked[g].median)
+        if g in onednn:
+            rows[-1] |= dict(onednn_step_ms=onednn[g].scaled(1e3 / steps),
+                             blocked_speedup=onednn[g].median / s.median,
+                             onednn_vs_mha=onednn[cfg.n_heads].median / onednn[g].median)
     return rows
 
 
@@ -149,6 +156,17 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
                     fmt_stats(*r["unpacked_step_ms"]),
                     fmt(r["unpacked_step_ms"][0] / r["bound_ms"]), fmt(r["packed_speedup"]),
                     fmt(r["unpacked_vs_mha"])] for r in rows])])
+    if "onednn_step_ms" in rows[0]:
+        compared += "\n\n" + "\n\n".join([
+            "The same steps with oneDNN's packed product instead of the compiled skinny one "
+            "for 1-16 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear layers as "
+            "in session 11), interleaved with the rows above:",
+            table(["kv heads", "batch", "context", "oneDNN ms/step", "step/bound",
+                   "skinny kernel speed-up", "speed-up vs MHA"],
+                  [[r["n_kv_heads"], r["batch"], r["context"],
+                    fmt_stats(*r["onednn_step_ms"]),
+                    fmt(r["onednn_step_ms"][0] / r["bound_ms"]), fmt(r["blocked_speedup"]),
+                    fmt(r["onednn_vs_mha"])] for r in rows])])
     kv_rows = [[g, f"{b:,}", fmt(b / kv[0][1])] for g, b in kv]
     return "\n\n".join([
         "### Decoding against the memory-bandwidth bound",
@@ -173,7 +191,10 @@ def main() -> None:
     p.add_argument("--compare-kernel", action="store_true",
                    help="also time every step without the compiled decode attention")
     p.add_argument("--compare-packed", action="store_true",
-                   help="also time every step without oneDNN's packed weights")
+                   help="also time every step without packed weights")
+    p.add_argument("--compare-blocked", action="store_true",
+                   help="also time every step with oneDNN's packed product instead of the "
+                        "compiled skinny one")
     args = p.parse_args()
     out = setup(args)
     info = machine_info()
@@ -189,7 +210,7 @@ def main() -> None:
     for batch in batches:
         for context in contexts:
             rows += bench_point(models, batch, context, steps, repeats, probe,
-                                args.compare_kernel, args.compare_packed)
+                                args.compare_kernel, args.compare_packed, args.compare_blocked)
     name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
     plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg

@@ -6,7 +6,8 @@ cache). `--weights table2`: the matrices one decoding step of hf.py's beam-searc
 multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
 q, o, fc1, fc2, plus the 8000 x 256 output layer; 19 MB). Each is multiplied by an input
 of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
-uses oneDNN with a packed weight from 4 rows for big enough products, computes
+uses its compiled skinny product for 1-16 rows (kernel.skinny_max_rows()), oneDNN with a
+packed weight above (from 4 rows without the compiled kernels) for big enough products, computes
 (W @ x^T)^T for the other M in SKINNY_ROWS, splits a single row's product into one block
 of W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
 where that comes from: it also times the reversed and the packed product at every M.
@@ -29,7 +30,9 @@ from common import (
     write,
 )
 
+from qkv import kernel
 from qkv.linear import (
+    BLOCKED_MIN_WEIGHT,
     PACKED_MIN_MACS,
     PACKED_MIN_ROWS,
     SKINNY_ROWS,
@@ -68,6 +71,8 @@ def main() -> None:
                 "(W @ x^T)^T": lambda xs=xs: [torch.mm(w, xs[w.shape[1]].T).T for w in ws],
                 "qkv.linear unpacked": packing_disabled()(
                     lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws]),
+                "qkv.linear, oneDNN only": packing_disabled("blocked")(
+                    lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws]),
                 "oneDNN packed": lambda xs=xs: [torch.ops.mkldnn._linear_pointwise(
                     xs[w.shape[1]], packed_weight(w), None, "none", [], "") for w in ws],
                 "qkv.linear": lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws],
@@ -92,7 +97,11 @@ def main() -> None:
         "M = 1, with 2 or more threads, it multiplies one block of W's rows per thread in one "
         "bmm (when the thread count divides W's rows), and with 1 thread it calls F.linear. "
         "'qkv.linear unpacked': qkv.linear with `packing_disabled()`, its path before "
-        "session 11.",
+        "session 11. 'qkv.linear, oneDNN only': with `packing_disabled(\"blocked\")`, its "
+        "path in session 11. 'qkv.linear' itself: for 1 to kernel.skinny_max_rows() = "
+        f"{kernel.skinny_max_rows()} rows and weights of at least {BLOCKED_MIN_WEIGHT:,} "
+        "elements, the compiled skinny product with its own packed copy, before all of the "
+        "above.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
     name = "skinny_linear" + ("" if args.weights == "smollm2" else f"_{args.weights}")

@@ -38,13 +38,15 @@ def test_decode_quick_rows_and_plot(tmp_path):
 
 def test_decode_compares_with_and_without_the_kernel_and_packed_weights(tmp_path):
     assert main(["bench", "decode", "--quick", "--compare-kernel", "--compare-packed",
-                 "--out", str(tmp_path)]) == 0
+                 "--compare-blocked", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "decode_bound.md").read_text()
     assert "without the compiled decode attention" in md and "without packed weights" in md
+    assert "with oneDNN's packed product instead of the compiled skinny one" in md
     rows = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
     for r in rows:
         assert r["kernel_speedup"] == pytest.approx(r["sdpa_step_ms"][0] / r["step_ms"][0])
         assert r["packed_speedup"] == pytest.approx(r["unpacked_step_ms"][0] / r["step_ms"][0])
+        assert r["blocked_speedup"] == pytest.approx(r["onednn_step_ms"][0] / r["step_ms"][0])
 
 
 def test_decode_bfloat16_halves_the_bytes(tmp_path):
@@ -84,6 +86,8 @@ def test_bench_errors(tmp_path, monkeypatch, capsys):
     assert main(["bench", "machine", "--compare-kernel"]) == 2
     assert "--compare-kernel applies to decode and hf only, not machine" in (
         capsys.readouterr().err)
+    assert main(["bench", "hf", "--compare-blocked"]) == 2
+    assert "--compare-blocked applies to decode only, not hf" in capsys.readouterr().err
     assert main(["bench", "train", "--compare-packed"]) == 2
     assert "--compare-packed applies to decode and hf only, not train" in (
         capsys.readouterr().err)
@@ -138,6 +142,7 @@ def test_skinny_linear_quick_times_every_product(weights, tmp_path):
     assert data["weights"] == weights
     assert set(data["stats"]) == {"1", "16"}  # --quick's row counts (JSON keys)
     for stats in data["stats"].values():
-        assert set(stats) == {"F.linear", "(W @ x^T)^T", "qkv.linear unpacked", "oneDNN packed",
+        assert set(stats) == {"F.linear", "(W @ x^T)^T", "qkv.linear unpacked",
+                              "qkv.linear, oneDNN only", "oneDNN packed",
                               "qkv.linear"}
     assert f"Skinny linears ({weights})" in (tmp_path / f"{name}.md").read_text()

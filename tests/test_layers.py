@@ -11,7 +11,7 @@ from torch import nn
 from torch.testing import assert_close
 
 import qkv.linear as QL
-from qkv import preset
+from qkv import kernel, preset
 from qkv.layers import (
     DecoderLayer,
     Embeddings,
@@ -252,7 +252,12 @@ def _packed_layer(bias: bool, dtype=torch.float32) -> Linear:
     return Linear(256, 512, bias=bias).to(dtype)  # 16 rows x 512 x 256 = 2^21 multiply-adds
 
 
-@pytest.mark.parametrize("rows", [4, 16, 64, 300])
+def _kinds(weight) -> list[str]:
+    """The packed copies held for `weight`."""
+    return sorted(QL._packed.get(weight, {}))
+
+
+@pytest.mark.parametrize("rows", [4, 16, 17, 64, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(rows, bias):
     layer = _packed_layer(bias)
@@ -260,9 +265,56 @@ def test_packed_linear_equals_f_linear(rows, bias):
     QL.clear_packed()
     with torch.inference_mode():
         y = layer(x)
-    big = rows * 512 * 256 >= QL.PACKED_MIN_MACS
-    assert (layer.weight in QL._packed) == big and y.shape == (rows, 1, 512)
+    if rows <= kernel.skinny_max_rows():
+        assert _kinds(layer.weight) == ["blocked"]
+    else:
+        big = rows * 512 * 256 >= QL.PACKED_MIN_MACS
+        assert _kinds(layer.weight) == (["onednn"] if big else [])
+    assert y.shape == (rows, 1, 512)
     torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
+@pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias):
+    """1 to skinny_max_rows() rows, with output widths that leave a padded last block
+    (1000, 40, 8, 100 are not multiples of 16), a width of 1024 (rows 4 KB apart) and
+    inputs that are 3-D or not contiguous."""
+    N, K = shape
+    torch.manual_seed(N + K)
+    w, b = torch.randn(N, K) * K**-0.5, torch.randn(N) if bias else None  # outputs ~1
+    QL.clear_packed()
+    with torch.no_grad():
+        for rows in range(1, kernel.skinny_max_rows() + 1):
+            for x in (torch.randn(rows, 1, K), torch.randn(rows, 2 * K)[:, ::2]):
+                torch.testing.assert_close(linear(x, w, b), F.linear(x, w, b),
+                                           rtol=1e-5, atol=1e-4)
+    assert _kinds(w) == ["blocked"]
+
+
+@pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
+def test_blocked_and_onednn_copies_follow_the_weight(monkeypatch):
+    """Both copies of one weight (a prompt, then decode steps) are made again after it
+    changes; QKV_KERNEL=0 leaves the product to oneDNN."""
+    layer = _packed_layer(True)
+    with torch.no_grad():
+        for rows in (64, 2, 64, 2):
+            x = torch.randn(rows, 256)
+            torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                       rtol=1e-5, atol=1e-4)
+        assert _kinds(layer.weight) == ["blocked", "onednn"]
+        layer.weight.mul_(-1)
+        x = torch.randn(2, 256)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+        assert _kinds(layer.weight) == ["blocked"]  # the stale oneDNN copy is gone
+        monkeypatch.setenv("QKV_KERNEL", "0")
+        QL.clear_packed()
+        x = torch.randn(16, 256)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
+                                   rtol=1e-5, atol=1e-4)
+        assert _kinds(layer.weight) == ["onednn"]
 
 
 def test_packed_weight_is_made_again_after_the_weight_changes():
@@ -351,6 +403,22 @@ def test_packing_can_be_switched_off(monkeypatch):
         monkeypatch.setenv("QKV_PACKED", "1")
         layer(x)
         assert layer.weight in QL._packed
+
+
+def test_packing_can_be_switched_off_by_kind():
+    layer, x = _packed_layer(False), torch.randn(2, 256)
+    QL.clear_packed()
+    with torch.no_grad():
+        with QL.packing_disabled("blocked"):
+            y = layer(x)  # 2 rows: below oneDNN's 4, so the reversed product
+        assert _kinds(layer.weight) == []
+        with QL.packing_disabled("onednn"):
+            torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
+        assert _kinds(layer.weight) == (["blocked"] if kernel.skinny_max_rows() else [])
+    with pytest.raises(ValueError, match=r"unknown kind 'mkl'; expected some of \('onednn', "
+                                         r"'blocked'\)"):
+        with QL.packing_disabled("mkl"):
+            pass
 
 
 def test_packed_copy_goes_with_its_weight():

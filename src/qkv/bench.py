@@ -22,7 +22,9 @@ BENCHMARKS: dict[str, str] = {
     "train": "train_throughput.py",
 }
 WITH_DTYPE = {"decode", "hf"}  # the benchmarks that take --dtype
-WITH_KERNEL_COMPARISON = {"decode", "hf"}  # ... and --compare-kernel, --compare-packed
+# the --compare-* flags and the benchmarks that take each
+COMPARISONS = {"compare_kernel": {"decode", "hf"}, "compare_packed": {"decode", "hf"},
+               "compare_blocked": {"decode"}}
 
 
 def benchmarks_dir() -> Path:
@@ -40,8 +42,8 @@ def script_args(args, name: str) -> list[str]:
     extra = ["--quick"] if args.quick else []
     if args.dtype != "float32" and name in WITH_DTYPE:
         extra += ["--dtype", args.dtype]
-    for flag in ("compare_kernel", "compare_packed"):
-        if getattr(args, flag) and name in WITH_KERNEL_COMPARISON:
+    for flag, allowed in COMPARISONS.items():
+        if getattr(args, flag) and name in allowed:
             extra += ["--" + flag.replace("_", "-")]
     for flag in ("repeats", "threads"):
         value = getattr(args, flag)
@@ -67,8 +69,11 @@ def add_bench_arguments(parser) -> None:
                         help="decode and hf: also time qkv without its compiled decode "
                              "attention, interleaved")
     parser.add_argument("--compare-packed", action="store_true",
-                        help="decode and hf: also time qkv without oneDNN's packed weights "
+                        help="decode and hf: also time qkv without packed weights "
                              "(qkv.linear), interleaved")
+    parser.add_argument("--compare-blocked", action="store_true",
+                        help="decode: also time qkv with oneDNN's packed product instead of "
+                             "the compiled skinny one for 1-16 rows, interleaved")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 
@@ -79,10 +84,10 @@ def run_bench(args) -> int:
     if args.dtype != "float32" and not WITH_DTYPE & set(names):
         raise ValueError(f"--dtype {args.dtype} applies to {' and '.join(sorted(WITH_DTYPE))} "
                          f"only, not {args.which}")
-    for flag in ("compare_kernel", "compare_packed"):
-        if getattr(args, flag) and not WITH_KERNEL_COMPARISON & set(names):
+    for flag, allowed in COMPARISONS.items():
+        if getattr(args, flag) and not allowed & set(names):
             raise ValueError(f"--{flag.replace('_', '-')} applies to "
-                             f"{' and '.join(sorted(WITH_KERNEL_COMPARISON))} only, "
+                             f"{' and '.join(sorted(allowed))} only, "
                              f"not {args.which}")
     failed = []
     for name in names:

@@ -1,4 +1,6 @@
-"""A compiled attention for decode steps: a few query rows against a long K/V cache.
+"""Compiled kernels for decode steps: attention of a few query rows against a long K/V
+cache (csrc/decode_attention.c), and products of a few rows with a weight (csrc/skinny_linear.c,
+used by qkv.linear; see `skinny_linear`).
 
 PyTorch runs a decode step's attention as matrix products of R rows (R = H // G query
 heads per key/value head, times the beams sharing a source); for R from 2 to 64 its
@@ -35,7 +37,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-SOURCE = Path(__file__).with_name("csrc") / "decode_attention.c"
+SOURCES = tuple(Path(__file__).with_name("csrc") / name
+                for name in ("decode_attention.c", "skinny_linear.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_ROWS = 64  # query rows per (batch row, kv head); beyond, SDPA's products are efficient
 
@@ -81,7 +84,7 @@ def library_path(cc: str) -> Path:
     """Where the library built from this source, compiler (and its version), flags and
     CPU is kept."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), cc.encode(), _compiler_version(cc).encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), cc.encode(), _compiler_version(cc).encode(),
                  " ".join(FLAGS).encode(), platform.machine().encode(), _cpu_flags().encode()):
         key.update(part)
         key.update(b"\0")
@@ -94,7 +97,7 @@ def _build(cc: str, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *FLAGS, str(SOURCE), "-o", tmp, "-lm"]
+        cmd = [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         except (OSError, subprocess.TimeoutExpired) as e:
@@ -118,6 +121,10 @@ def _load(path: Path) -> ctypes.CDLL:
     p, i, n = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
     fn.argtypes = [p, p, p, p, p, i, i, i, i, i, n, n, n, n, n, n, n, ctypes.c_float, i]
     fn.restype = i
+    fn = lib.qkv_skinny_linear
+    fn.argtypes = [p, p, p, p, i, i, i, i]
+    fn.restype = i
+    lib.qkv_skinny_width.restype = lib.qkv_skinny_max_rows.restype = i
     return lib
 
 
@@ -163,6 +170,38 @@ def disabled():
         yield
     finally:
         _switch.off = before
+
+
+def skinny_max_rows() -> int:
+    """The most rows `skinny_linear` takes; 0 when the library cannot be had or QKV_KERNEL=0
+    (attention's `disabled()` does not switch the products off: qkv.linear has its own)."""
+    if _setting() == "0":
+        return 0
+    lib = _library()
+    return 0 if lib is None else lib.qkv_skinny_max_rows()
+
+
+def pack_skinny(weight: Tensor) -> Tensor:
+    """weight (N, K) float32 as `skinny_linear` reads it: (ceil(N / VW), K, VW), blocks of
+    VW output columns, the last padded with zeros. A copy: the weight's size again."""
+    vw, (N, K) = _library().qkv_skinny_width(), weight.shape
+    padded = weight.new_zeros(-(-N // vw) * vw, K)
+    padded[:N] = weight
+    return padded.view(-1, vw, K).transpose(1, 2).contiguous()
+
+
+def skinny_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """x (M, K) contiguous float32 @ W^T + bias -> (M, n), 1 <= M <= skinny_max_rows(), W
+    given as pack_skinny(W) (n its rows); bias contiguous or None."""
+    M, K = x.shape
+    y = x.new_empty(M, n)
+    failed = _library().qkv_skinny_linear(
+        packed.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
+        y.data_ptr(), M, K, n, torch.get_num_threads())
+    if failed:
+        raise MemoryError(f"skinny linear: no memory for {M} x {K} floats of scratch"
+                          if failed == 1 else f"skinny linear: {M} rows is out of range")
+    return y
 
 
 def _key_mask(mask: Tensor | None, B: int) -> Tensor | None:

@@ -1,4 +1,5 @@
-"""Linear layers for inference: oneDNN with packed weights, skinny products reversed.
+"""Linear layers for inference: packed weights (a compiled kernel for 1-16 rows, oneDNN
+above), skinny products reversed.
 
 F.linear computes x @ W^T. When x has only a few rows (a decoding step of a batch), the
 CPU's GEMM handles the weight as the second operand and re-packs all of it on every call.
@@ -19,6 +20,14 @@ the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): 
 (45.5 ms through `linear` with its checks) against 64 ms reversed and 77 ms with F.linear
 (docs/benchmarks.md, session 11). The packed copy costs
 the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
+
+From 1 to `kernel.skinny_max_rows()` rows (16 with AVX-512, 12 with AVX2), float32 weights
+of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product instead
+(csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at these rows the
+time is the time to stream the weight, and that kernel prefetches it far ahead while it
+computes. On a 2-core AMD EPYC Zen 5, over SmolLM2's matrices at 16 rows, 1.5x faster than
+oneDNN's packed product (docs/benchmarks.md, session 12). A weight used with both row
+counts (a prompt, then decode steps) has both copies: twice its size again.
 """
 
 from __future__ import annotations
@@ -35,6 +44,7 @@ from torch import Tensor, nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
+from qkv import kernel
 from qkv.kernel import _functorch_wrapped
 from qkv.kernel import _transformed as _traced_or_forward_ad
 
@@ -46,12 +56,16 @@ SKINNY_ROWS = range(2, 49)
 # ~20 us per call lost: 0.8-1.0x): 1.06-1.13x at 4 rows for 1024 x 256 and 576 x 576, a tie
 # over all of SmolLM2's matrices at 4 rows, 1.6-2x from 8 (benchmarks/skinny_linear.py);
 # bfloat16 1.15-1.57x at every row count from 128 x 128.
+# The compiled skinny product (kernel.skinny_linear) for 1 to kernel.skinny_max_rows() rows,
+# float32, weights of at least BLOCKED_MIN_WEIGHT elements: see the module's docstring.
+BLOCKED_MIN_WEIGHT = 1 << 14
 PACKED_MIN_ROWS = 4
 PACKED_MIN_MACS = 1 << 20
 PACKED_MIN_BF16_WEIGHT = 1 << 14
 
-_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weight -> ((data_ptr, version), packed)
-_switch = threading.local()  # .off: set by `packing_disabled()` in this thread only
+# weight -> {"onednn" or "blocked": ((data_ptr, version), packed copy)}
+_packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_switch = threading.local()  # .off: kinds switched off by `packing_disabled()` in this thread
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -61,6 +75,10 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             or torch.is_grad_enabled() or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or (bias is not None and bias.shape != weight.shape[:1])):
         return F.linear(x, weight, bias)  # also for its errors and broadcasting rules
+    if _use_blocked(x, weight, bias, rows):
+        y = kernel.skinny_linear(x.reshape(rows, x.shape[-1]).contiguous(),
+                                 blocked_weight(weight), bias, weight.shape[0])
+        return y.view(*x.shape[:-1], weight.shape[0])
     if _use_packed(x, weight, bias, rows):
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]),
                                                packed_weight(weight), bias, "none", [], "")
@@ -92,13 +110,24 @@ def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], N)  # (P, N/P, 1) -> (..., N), contiguous
 
 
+def _use_blocked(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
+    return (x.dtype == torch.float32 and weight.shape[0] * weight.shape[1] >= BLOCKED_MIN_WEIGHT
+            and 1 <= rows and _may_pack(x, weight, bias, "blocked")
+            and rows <= kernel.skinny_max_rows())
+
+
 def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
     N, C = weight.shape
     if x.dtype == torch.bfloat16:
         big = N * C >= PACKED_MIN_BF16_WEIGHT and bf16_is_native()
     else:
         big = rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS
-    return (big and rows > 0 and _packing_on()
+    return big and rows > 0 and _HAVE_PACKED and _may_pack(x, weight, bias, "onednn")
+
+
+def _may_pack(x: Tensor, weight: Tensor, bias: Tensor | None, kind: str) -> bool:
+    """Whether a packed copy of `weight` of this kind may stand in for it in this call."""
+    return (_packing_on(kind)
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
             and all(_plain(t) for t in (x, weight, bias) if t is not None)
             and not weight.is_inference() and not _transformed()
@@ -106,19 +135,27 @@ def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bo
 
 
 def packed_weight(weight: Tensor) -> Tensor:
-    """oneDNN's packed copy of `weight` (N, C), made at first use and kept while `weight`
-    lives; made again once `weight` changes: an in-place op moves its version counter
-    (load_state_dict, SGD), and any optimizer step drops the copies of its parameters (fused
-    Adam writes without moving it). Writes through `weight.data` are not seen: call
-    `clear_packed()` after them."""
+    """oneDNN's packed copy of `weight` (N, C) (see `_cached` for when it is made again)."""
+    return _cached(weight, "onednn", torch.ops.mkldnn._reorder_linear_weight)
+
+
+def blocked_weight(weight: Tensor) -> Tensor:
+    """The compiled skinny product's copy of `weight` (N, C): `kernel.pack_skinny`."""
+    return _cached(weight, "blocked", kernel.pack_skinny)
+
+
+def _cached(weight: Tensor, kind: str, make) -> Tensor:
+    """make(weight), made at first use and kept while `weight` lives; made again once
+    `weight` changes: an in-place op moves its version counter (load_state_dict, SGD), and
+    any optimizer step drops the copies of its parameters (fused Adam writes without moving
+    it). Writes through `weight.data` are not seen: call `clear_packed()` after them."""
     key = (weight.data_ptr(), weight._version)
-    hit = _packed.get(weight)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    with torch.inference_mode():
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-    _packed[weight] = (key, packed)
-    return packed
+    copies = {k: hit for k, hit in _packed.get(weight, {}).items() if hit[0] == key}
+    if kind not in copies:
+        with torch.inference_mode():
+            copies[kind] = (key, make(weight.detach()))
+    _packed[weight] = copies  # stale copies of other kinds go now
+    return copies[kind][1]
 
 
 def clear_packed() -> None:
@@ -137,24 +174,33 @@ def _drop_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_drop_after_step)
 
 
+KINDS = ("onednn", "blocked")  # the packed copies `linear` makes
+
+
 @contextmanager
-def packing_disabled():
-    """`linear` without packed weights inside the block, in this thread (others keep them):
-    for comparisons in one process."""
-    before, _switch.off = getattr(_switch, "off", False), True
+def packing_disabled(*kinds: str):
+    """`linear` without packed copies inside the block, in this thread (others keep them):
+    for comparisons in one process. kinds: "onednn" and/or "blocked" (the compiled skinny
+    product); none given: both."""
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown:
+        raise ValueError(f"packing_disabled{kinds}: unknown kind {unknown[0]!r}; "
+                         f"expected some of {KINDS}")
+    before = getattr(_switch, "off", frozenset())
+    _switch.off = before | frozenset(kinds or KINDS)
     try:
         yield
     finally:
         _switch.off = before
 
 
-def _packing_on() -> bool:
-    if getattr(_switch, "off", False):
+def _packing_on(kind: str) -> bool:
+    if kind in getattr(_switch, "off", ()):
         return False
     value = os.environ.get("QKV_PACKED", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"QKV_PACKED={value!r} must be 0 (never pack weights) or 1/unset (pack)")
-    return value != "0" and _HAVE_PACKED
+    return value != "0"
 
 
 _HAVE_PACKED = (torch.backends.mkldnn.is_available()
