@@ -33,6 +33,7 @@ from common import (
 from qkv import kernel
 from qkv.linear import (
     BLOCKED_MIN_WEIGHT,
+    BLOCKED_MIN_WEIGHT_FEW_ROWS,
     PACKED_MIN_MACS,
     PACKED_MIN_ROWS,
     SKINNY_ROWS,
@@ -100,7 +101,7 @@ def main() -> None:
         "session 11. 'qkv.linear, oneDNN only': with `packing_disabled(\"blocked\")`, its "
         "path in session 11. 'qkv.linear' itself: for 1 to kernel.skinny_max_rows() = "
         f"{kernel.skinny_max_rows()} rows and weights of at least {BLOCKED_MIN_WEIGHT:,} "
-        "elements, the compiled skinny product with its own packed copy, before all of the "
+        f"elements ({BLOCKED_MIN_WEIGHT_FEW_ROWS:,} below 4 rows), the compiled skinny product with its own packed copy, before all of the "
         "above.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])

@@ -277,10 +277,11 @@ def test_packed_linear_equals_f_linear(rows, bias):
 @pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
 @pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200)])
 @pytest.mark.parametrize("bias", [False, True])
-def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias):
+def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias, monkeypatch):
     """1 to skinny_max_rows() rows, with output widths that leave a padded last block
     (1000, 40, 8, 100 are not multiples of 16), a width of 1024 (rows 4 KB apart) and
     inputs that are 3-D or not contiguous."""
+    monkeypatch.setattr(QL, "BLOCKED_MIN_WEIGHT_FEW_ROWS", QL.BLOCKED_MIN_WEIGHT)
     N, K = shape
     torch.manual_seed(N + K)
     w, b = torch.randn(N, K) * K**-0.5, torch.randn(N) if bias else None  # outputs ~1
@@ -299,13 +300,13 @@ def test_blocked_and_onednn_copies_follow_the_weight(monkeypatch):
     changes; QKV_KERNEL=0 leaves the product to oneDNN."""
     layer = _packed_layer(True)
     with torch.no_grad():
-        for rows in (64, 2, 64, 2):
+        for rows in (64, 4, 64, 4):
             x = torch.randn(rows, 256)
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                        rtol=1e-5, atol=1e-4)
         assert _kinds(layer.weight) == ["blocked", "onednn"]
         layer.weight.mul_(-1)
-        x = torch.randn(2, 256)
+        x = torch.randn(4, 256)
         torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                    rtol=1e-5, atol=1e-4)
         assert _kinds(layer.weight) == ["blocked"]  # the stale oneDNN copy is gone
@@ -406,11 +407,11 @@ def test_packing_can_be_switched_off(monkeypatch):
 
 
 def test_packing_can_be_switched_off_by_kind():
-    layer, x = _packed_layer(False), torch.randn(2, 256)
+    layer, x = _packed_layer(False), torch.randn(4, 256)
     QL.clear_packed()
     with torch.no_grad():
         with QL.packing_disabled("blocked"):
-            y = layer(x)  # 2 rows: below oneDNN's 4, so the reversed product
+            y = layer(x)  # 4 x 512 x 256 is below oneDNN's 2^20: the reversed product
         assert _kinds(layer.weight) == []
         with QL.packing_disabled("onednn"):
             torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
