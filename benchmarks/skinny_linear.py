@@ -6,7 +6,7 @@ cache). `--weights table2`: the matrices one decoding step of hf.py's beam-searc
 multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
 q, o, fc1, fc2, plus the 8000 x 256 output layer; 19 MB). Each is multiplied by an input
 of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
-uses its compiled skinny product for 1-16 rows (kernel.skinny_max_rows()), oneDNN with a
+uses its compiled skinny product for 4-16 rows (kernel.skinny_max_rows()), oneDNN with a
 packed weight above (from 4 rows without the compiled kernels) for big enough products, computes
 (W @ x^T)^T for the other M in SKINNY_ROWS, splits a single row's product into one block
 of W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is
@@ -32,8 +32,8 @@ from common import (
 
 from qkv import kernel
 from qkv.linear import (
+    BLOCKED_MIN_ROWS,
     BLOCKED_MIN_WEIGHT,
-    BLOCKED_MIN_WEIGHT_FEW_ROWS,
     PACKED_MIN_MACS,
     PACKED_MIN_ROWS,
     SKINNY_ROWS,
@@ -99,9 +99,9 @@ def main() -> None:
         "bmm (when the thread count divides W's rows), and with 1 thread it calls F.linear. "
         "'qkv.linear unpacked': qkv.linear with `packing_disabled()`, its path before "
         "session 11. 'qkv.linear, oneDNN only': with `packing_disabled(\"blocked\")`, its "
-        "path in session 11. 'qkv.linear' itself: for 1 to kernel.skinny_max_rows() = "
-        f"{kernel.skinny_max_rows()} rows and weights of at least {BLOCKED_MIN_WEIGHT:,} "
-        f"elements ({BLOCKED_MIN_WEIGHT_FEW_ROWS:,} below 4 rows), the compiled skinny product with its own packed copy, before all of the "
+        f"path in session 11. 'qkv.linear' itself: for {BLOCKED_MIN_ROWS} to "
+        f"kernel.skinny_max_rows() = {kernel.skinny_max_rows()} rows and weights of at least "
+        f"{BLOCKED_MIN_WEIGHT:,} elements, the compiled skinny product with its own packed copy, before all of the "
         "above.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])

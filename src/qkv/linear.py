@@ -1,4 +1,4 @@
-"""Linear layers for inference: packed weights (a compiled kernel for 1-16 rows, oneDNN
+"""Linear layers for inference: packed weights (a compiled kernel for 4-16 rows, oneDNN
 above), skinny products reversed.
 
 F.linear computes x @ W^T. When x has only a few rows (a decoding step of a batch), the
@@ -21,8 +21,8 @@ the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): 
 (docs/benchmarks.md, session 11). The packed copy costs
 the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
 
-From 1 to `kernel.skinny_max_rows()` rows (16 with AVX-512, 12 with AVX2), float32 weights
-of at least BLOCKED_MIN_WEIGHT elements (BLOCKED_MIN_WEIGHT_FEW_ROWS below 4 rows) go to qkv's compiled product instead
+From 4 to `kernel.skinny_max_rows()` rows (16 with AVX-512, 12 with AVX2), float32 weights
+of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product instead
 (csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at these rows the
 time is the time to stream the weight, and that kernel prefetches it far ahead while it
 computes. On a 2-core AMD EPYC Zen 5, over SmolLM2's matrices at 16 rows, 1.5x faster than
@@ -56,15 +56,14 @@ SKINNY_ROWS = range(2, 49)
 # ~20 us per call lost: 0.8-1.0x): 1.06-1.13x at 4 rows for 1024 x 256 and 576 x 576, a tie
 # over all of SmolLM2's matrices at 4 rows, 1.6-2x from 8 (benchmarks/skinny_linear.py);
 # bfloat16 1.15-1.57x at every row count from 128 x 128.
-# The compiled skinny product (kernel.skinny_linear) for 1 to kernel.skinny_max_rows() rows,
-# float32, weights of at least BLOCKED_MIN_WEIGHT elements (BLOCKED_MIN_WEIGHT_FEW_ROWS
-# below 4 rows): see the module's docstring. On the Zen 5 (ad hoc and skinny_linear.py),
-# the Table 2 model's matrices (256 x 256 to 8000 x 256, in L3) at 1-2 rows took 1.3-1.4x
-# longer than the other paths, even with the 256 x 256 ones left out (not understood); from
-# 4 rows it was as fast or faster, and SmolLM2's at 1 row a tie. So below 4 rows only the
-# biggest matrices (output layers) take it.
+# The compiled skinny product (kernel.skinny_linear) for BLOCKED_MIN_ROWS to
+# kernel.skinny_max_rows() rows, float32, weights of at least BLOCKED_MIN_WEIGHT elements:
+# see the module's docstring. On the Zen 5 (skinny_linear.py), the Table 2 model's matrices
+# (256 x 256 to 8000 x 256, in L3) at 1-2 rows took 1.3-1.7x longer than the other paths,
+# even its 8000 x 256 output layer alone (not understood); from 4 rows it was as fast or
+# faster, and on SmolLM2's matrices at 1-2 rows a tie or 1.3x faster.
+BLOCKED_MIN_ROWS = 4
 BLOCKED_MIN_WEIGHT = 1 << 14
-BLOCKED_MIN_WEIGHT_FEW_ROWS = 1 << 20
 PACKED_MIN_ROWS = 4
 PACKED_MIN_MACS = 1 << 20
 PACKED_MIN_BF16_WEIGHT = 1 << 14
@@ -117,9 +116,8 @@ def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 
 def _use_blocked(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
-    least = BLOCKED_MIN_WEIGHT if rows >= 4 else BLOCKED_MIN_WEIGHT_FEW_ROWS
-    return (x.dtype == torch.float32 and weight.shape[0] * weight.shape[1] >= least
-            and 1 <= rows and _may_pack(x, weight, bias, "blocked")
+    return (x.dtype == torch.float32 and weight.shape[0] * weight.shape[1] >= BLOCKED_MIN_WEIGHT
+            and BLOCKED_MIN_ROWS <= rows and _may_pack(x, weight, bias, "blocked")
             and rows <= kernel.skinny_max_rows())
 
 
