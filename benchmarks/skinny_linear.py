@@ -101,8 +101,8 @@ def main() -> None:
         "session 11. 'qkv.linear, oneDNN only': with `packing_disabled(\"blocked\")`, its "
         f"path in session 11. 'qkv.linear' itself: for {BLOCKED_MIN_ROWS} to "
         f"kernel.skinny_max_rows() = {kernel.skinny_max_rows()} rows and weights of at least "
-        f"{BLOCKED_MIN_WEIGHT:,} elements, the compiled skinny product with its own packed copy, before all of the "
-        "above.",
+        f"{BLOCKED_MIN_WEIGHT:,} elements, the compiled skinny product with its own packed "
+        "copy, before all of the above.",
         table(["rows M", "product", "ms", "weight GB/s", "speed-up vs F.linear"], rows),
     ])
     name = "skinny_linear" + ("" if args.weights == "smollm2" else f"_{args.weights}")
