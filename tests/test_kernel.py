@@ -345,3 +345,38 @@ def test_library_is_built_once_and_reused(built, tmp_path):
     os.umask(umask)
     assert mode & 0o777 == 0o755 & ~umask  # readable by others unless the umask says not
     assert kernel.library_path("clang") != kernel.library_path("cc")  # compiler in the key
+
+
+# ------------------------------------------------------------------ logsumexp_rows
+
+
+@pytest.mark.parametrize("shape", [(64, 8000), (1, 7), (3, 8), (5, 9), (2, 1), (0, 5)])
+def test_logsumexp_rows_equals_torch(built, shape):
+    torch.manual_seed(shape[1])
+    x = torch.randn(*shape) * 10
+    with torch.no_grad():
+        assert_close(kernel.logsumexp_rows(x), x.logsumexp(-1), rtol=1e-6, atol=1e-5)
+
+
+def test_logsumexp_rows_special_values_as_torch(built):
+    x = torch.randn(6, 21)
+    x[0] = float("-inf")  # every value -inf: -inf
+    x[1, 3] = float("inf")  # +inf: +inf
+    x[2, 20] = float("nan")  # NaN, in the scalar tail: NaN
+    x[3, 4] = float("nan")  # NaN in a vector
+    x[4, :20] = float("-inf")  # one finite value
+    x[5, 0] = 1e30  # one huge value: its own log-sum
+    ours, ref = kernel.logsumexp_rows(x), x.logsumexp(-1)
+    assert_close(ours, ref, equal_nan=True)
+
+
+def test_logsumexp_rows_falls_back_to_torch(built, monkeypatch):
+    """Not contiguous, gradients wanted, float64, or QKV_KERNEL=0: torch's result."""
+    x = torch.randn(4, 30)
+    for t in (x[:, ::2], x.double(), x.clone().requires_grad_()):
+        assert_close(kernel.logsumexp_rows(t), t.logsumexp(-1))
+    g = x.clone().requires_grad_()
+    kernel.logsumexp_rows(g).sum().backward()  # torch's op: a gradient comes back
+    assert_close(g.grad, torch.softmax(x, -1))
+    monkeypatch.setenv("QKV_KERNEL", "0")
+    assert_close(kernel.logsumexp_rows(x), x.logsumexp(-1))

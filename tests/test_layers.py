@@ -257,7 +257,7 @@ def _kinds(weight) -> list[str]:
     return sorted(QL._packed.get(weight, {}))
 
 
-@pytest.mark.parametrize("rows", [4, 16, 17, 64, 300])
+@pytest.mark.parametrize("rows", [4, 16, 17, 64, 65, 300])
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_linear_equals_f_linear(rows, bias):
     layer = _packed_layer(bias)
@@ -278,9 +278,9 @@ def test_packed_linear_equals_f_linear(rows, bias):
 @pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias, monkeypatch):
-    """1 to skinny_max_rows() rows, with output widths that leave a padded last block
-    (1000, 40, 8, 100 are not multiples of 16), a width of 1024 (rows 4 KB apart) and
-    inputs that are 3-D or not contiguous."""
+    """1 to skinny_max_rows() rows (several chunks of 16 from 17 rows on), with output
+    widths that leave a padded last block (1000, 40, 8, 100 are not multiples of 16), a
+    width of 1024 (rows 4 KB apart) and inputs that are 3-D or not contiguous."""
     monkeypatch.setattr(QL, "BLOCKED_MIN_ROWS", 1)  # the kernel takes 1-3 rows too
     N, K = shape
     torch.manual_seed(N + K)
@@ -300,7 +300,7 @@ def test_blocked_and_onednn_copies_follow_the_weight(monkeypatch):
     changes; QKV_KERNEL=0 leaves the product to oneDNN."""
     layer = _packed_layer(True)
     with torch.no_grad():
-        for rows in (64, 4, 64, 4):
+        for rows in (300, 4, 300, 4):
             x = torch.randn(rows, 256)
             torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias),
                                        rtol=1e-5, atol=1e-4)
@@ -404,6 +404,13 @@ def test_packing_can_be_switched_off(monkeypatch):
         monkeypatch.setenv("QKV_PACKED", "1")
         layer(x)
         assert layer.weight in QL._packed
+
+
+@pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
+def test_skinny_linear_rejects_rows_out_of_range():
+    w = torch.randn(32, 16)
+    with pytest.raises(MemoryError, match="65 rows is out of range"):
+        kernel.skinny_linear(torch.randn(65, 16), kernel.pack_skinny(w), None, 32)
 
 
 def test_packing_can_be_switched_off_by_kind():

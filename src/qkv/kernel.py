@@ -125,6 +125,8 @@ def _load(path: Path) -> ctypes.CDLL:
     fn.argtypes = [p, p, p, p, i, i, i, i]
     fn.restype = i
     lib.qkv_skinny_width.restype = lib.qkv_skinny_max_rows.restype = i
+    lib.qkv_logsumexp_rows.argtypes = [p, n, i, p, i]
+    lib.qkv_logsumexp_rows.restype = None
     return lib
 
 
@@ -202,6 +204,20 @@ def skinny_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Ten
         raise MemoryError(f"skinny linear: no memory for {M} x {K} floats of scratch"
                           if failed == 1 else f"skinny linear: {M} rows is out of range")
     return y
+
+
+def logsumexp_rows(x: Tensor) -> Tensor:
+    """x.logsumexp(-1) for x (N, V), with the compiled e^x for a plain contiguous float32
+    x that needs no gradient: beam search's (64, 8000) logits in ~135 us against torch's
+    ~256 (Zen 5, 2 threads, ad hoc). Otherwise, or without the library, torch's."""
+    if not (_plain(x) and x.dim() == 2 and x.is_contiguous() and x.shape[1] > 0
+            and not (torch.is_grad_enabled() and x.requires_grad) and not _transformed()
+            and _setting() != "0" and _library() is not None):
+        return x.logsumexp(-1)
+    out = x.new_empty(x.shape[0])
+    _library().qkv_logsumexp_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(),
+                                  torch.get_num_threads())
+    return out
 
 
 def _key_mask(mask: Tensor | None, B: int) -> Tensor | None:

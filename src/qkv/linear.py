@@ -1,4 +1,4 @@
-"""Linear layers for inference: packed weights (a compiled kernel for 4-16 rows, oneDNN
+"""Linear layers for inference: packed weights (a compiled kernel for 4-64 rows, oneDNN
 above), skinny products reversed.
 
 F.linear computes x @ W^T. When x has only a few rows (a decoding step of a batch), the
@@ -21,13 +21,14 @@ the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): 
 (docs/benchmarks.md, session 11). The packed copy costs
 the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
 
-From 4 to `kernel.skinny_max_rows()` rows (16 with AVX-512, 12 with AVX2), float32 weights
-of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product instead
-(csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at these rows the
+From 4 to 64 rows (BLOCKED_MIN_ROWS, BLOCKED_MAX_ROWS, `kernel.skinny_max_rows()`), float32
+weights of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product instead
+(csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at a few rows the
 time is the time to stream the weight, and that kernel prefetches it far ahead while it
 computes. On a 2-core AMD EPYC Zen 5, over SmolLM2's matrices at 16 rows, 1.5x faster than
-oneDNN's packed product (docs/benchmarks.md, session 12). A weight used with both row
-counts (a prompt, then decode steps) has both copies: twice its size again.
+oneDNN's packed product through `linear`; at 32-64 rows 1.05-1.1x, and over the Table 2
+model's matrices 1.2-1.45x (docs/benchmarks.md, session 12). A weight used with both row
+counts (a long prompt, then decode steps) has both copies: twice its size again.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ SKINNY_ROWS = range(2, 49)
 # even its 8000 x 256 output layer alone (not understood); from 4 rows it was as fast or
 # faster, and on SmolLM2's matrices at 1-2 rows a tie or 1.3x faster.
 BLOCKED_MIN_ROWS = 4
+BLOCKED_MAX_ROWS = 64
 BLOCKED_MIN_WEIGHT = 1 << 14
 PACKED_MIN_ROWS = 4
 PACKED_MIN_MACS = 1 << 20
@@ -117,8 +119,8 @@ def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 
 def _use_blocked(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
     return (x.dtype == torch.float32 and weight.shape[0] * weight.shape[1] >= BLOCKED_MIN_WEIGHT
-            and BLOCKED_MIN_ROWS <= rows and _may_pack(x, weight, bias, "blocked")
-            and rows <= kernel.skinny_max_rows())
+            and BLOCKED_MIN_ROWS <= rows <= min(BLOCKED_MAX_ROWS, kernel.skinny_max_rows())
+            and _may_pack(x, weight, bias, "blocked"))
 
 
 def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
@@ -155,7 +157,11 @@ def _cached(weight: Tensor, kind: str, make) -> Tensor:
     any optimizer step drops the copies of its parameters (fused Adam writes without moving
     it). Writes through `weight.data` are not seen: call `clear_packed()` after them."""
     key = (weight.data_ptr(), weight._version)
-    copies = {k: hit for k, hit in _packed.get(weight, {}).items() if hit[0] == key}
+    copies = _packed.get(weight)
+    hit = None if copies is None else copies.get(kind)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    copies = {k: hit for k, hit in (copies or {}).items() if hit[0] == key}
     if kind not in copies:
         with torch.inference_mode():
             copies[kind] = (key, make(weight.detach()))

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import kernel
 from .attention import KVCache
 from .models import EncoderDecoder
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
@@ -96,7 +97,7 @@ def _next_logits(model: EncoderDecoder, seqs: Tensor, step: int, memory: Tensor,
     tgt = seqs[:, step : step + 1] if cache is not None else seqs[:, : step + 1]
     h = model.decoder(tgt, memory, src_mask, cache=cache)  # (N, T, C)
     logits = model.logits(h[:, -1]).float()  # (N, V)
-    lse = logits.logsumexp(-1)
+    lse = kernel.logsumexp_rows(logits)
     return _constrain(logits, step, min_len, row_limit), lse
 
 

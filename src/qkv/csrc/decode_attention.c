@@ -333,3 +333,36 @@ int qkv_decode_attention(
     free(qs);
     return failed;
 }
+
+/* out[n] = log sum_j e^x[n][j] for the N rows of x (N, V) contiguous: beam search's
+   log-normaliser of each row of logits, as torch.logsumexp gives it (a NaN gives NaN, +inf
+   gives +inf, a row of -inf gives -inf), with the vectorised e^x above. */
+void qkv_logsumexp_rows(const float *x, long N, int V, float *out, int threads)
+{
+    #pragma omp parallel for num_threads(threads) schedule(static) if (N > 1)
+    for (long n = 0; n < N; n++) {
+        const float *r = x + n * V;
+        typedef int32_t i8 __attribute__((vector_size(32)));
+        v8 mv = splat(-INFINITY);
+        i8 nan = {0};
+        int t = 0;
+        for (; t + 8 <= V; t += 8) {
+            v8 v = load8(r + t);
+            nan |= v != v;
+            mv = max8(v, mv);
+        }
+        float m = -INFINITY;
+        int isnan = 0;
+        for (int j = 0; j < 8; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
+        for (; t < V; t++) { m = r[t] > m ? r[t] : m; isnan |= r[t] != r[t]; }
+        if (isnan || m == INFINITY || m == -INFINITY) {
+            out[n] = isnan ? NAN : m;
+            continue;
+        }
+        v8 acc = {0};
+        for (t = 0; t + 8 <= V; t += 8) acc += exp8(load8(r + t) - splat(m));
+        float sum = sum8(acc);
+        for (; t < V; t++) sum += expf(r[t] - m);
+        out[n] = m + logf(sum);
+    }
+}

@@ -1,6 +1,6 @@
 /* y = x W^T + bias for a few rows of x (a decode step), float32, on the CPU.
  *
- * With 1-16 rows a product does a few multiply-adds per weight it reads, so its speed is
+ * With a few rows a product does a few multiply-adds per weight it reads, so its speed is
  * the speed at which the weight streams from memory. oneDNN's packed product (linear.py)
  * fetched and computed in turn and streamed SmolLM2's weights at about half the memory
  * bandwidth on a 2-core Zen 5 (docs/benchmarks.md, session 12). Here the weight is packed
@@ -8,7 +8,7 @@
  * front to back; each loaded vector of VW weights is multiplied with all M rows of x, and
  * the block is prefetched AHEAD vectors ahead of the loads.
  *
- * Shapes: x (M, K) contiguous, 1 <= M <= MAX_M; wp (ceil(N / VW), K, VW), the last block
+ * Shapes: x (M, K) contiguous, 1 <= M <= MAX_ROWS (in chunks of MAX_M rows); wp (ceil(N / VW), K, VW), the last block
  * padded with zeros; bias (N) or NULL; y (M, N) contiguous. Loaded by qkv/kernel.py.
  */
 #include <stdlib.h>
@@ -20,7 +20,7 @@ enum { VW = 16, MAX_M = 16 };
 #else
 enum { VW = 8, MAX_M = 12 };
 #endif
-enum { AHEAD = 128 };  /* vectors: 8 KB ahead with AVX-512 */
+enum { AHEAD = 128, MAX_ROWS = 64 };  /* vectors: 8 KB ahead with AVX-512 */
 
 typedef float vec __attribute__((vector_size(VW * 4)));
 
@@ -67,34 +67,44 @@ static inline __attribute__((always_inline)) void block(
 
 int qkv_skinny_width(void) { return VW; }
 
-int qkv_skinny_max_rows(void) { return MAX_M; }
+int qkv_skinny_max_rows(void) { return MAX_ROWS; }
 
 /* Returns 0, 1 when scratch memory could not be had, 2 when M is out of range (y is then
-   not written). */
+   not written). Rows come in chunks of MAX_M: each block of the weight, read from memory
+   for the first chunk, serves the others from L1 or L2. */
 int qkv_skinny_linear(const float *wp, const float *x, const float *bias, float *y,
                       int M, int K, int N, int threads)
 {
-    if (M < 1 || M > MAX_M) return 2;
+    if (M < 1 || M > MAX_ROWS) return 2;
+    /* chunk c's rows, transposed: (K, rows of c) at xt + c MAX_M K */
     float *xt = M == 1 ? (float *)x : malloc(sizeof(float) * (size_t)K * (size_t)M);
     if (xt == NULL) return 1;
     long blocks = (N + VW - 1) / VW;
+    int chunks = (M + MAX_M - 1) / MAX_M;
     #pragma omp parallel num_threads(threads)
     {
         if (M > 1) {  /* one row is its own transpose */
             #pragma omp for schedule(static)
             for (int k = 0; k < K; k++)
-                for (int m = 0; m < M; m++) xt[(long)k * M + m] = x[(long)m * K + k];
+                for (int m = 0; m < M; m++) {
+                    int c = m / MAX_M, rows = M - c * MAX_M < MAX_M ? M - c * MAX_M : MAX_M;
+                    xt[(long)c * MAX_M * K + (long)k * rows + m % MAX_M] = x[(long)m * K + k];
+                }
         }
         #pragma omp for schedule(static)  /* after the implicit barrier of the loop above */
-        for (long nb = 0; nb < blocks; nb++) {
-            switch (M) {  /* constant M and U: the accumulators stay in registers */
-#define ROWS(m, u) case m: block(wp, xt, bias, y, m, K, N, nb, u); break;
+        for (long nb = 0; nb < blocks; nb++)
+          for (int c = 0; c < chunks; c++) {
+            int rows = M - c * MAX_M < MAX_M ? M - c * MAX_M : MAX_M;
+            const float *xc = xt + (long)c * MAX_M * K;
+            float *yc = y + (long)c * MAX_M * N;
+            switch (rows) {  /* constant rows and U: the accumulators stay in registers */
+#define ROWS(m, u) case m: block(wp, xc, bias, yc, m, K, N, nb, u); break;
             ROWS(1, 4) ROWS(2, 4) ROWS(3, 2) ROWS(4, 2) ROWS(5, 2) ROWS(6, 2) ROWS(7, 2)
             ROWS(8, 1) ROWS(9, 1) ROWS(10, 1) ROWS(11, 1) ROWS(12, 1) ROWS(13, 1) ROWS(14, 1)
             ROWS(15, 1) ROWS(16, 1)
 #undef ROWS
             }
-        }
+          }
     }
     if (M > 1) free(xt);
     return 0;
