@@ -202,11 +202,15 @@ def test_zero_head_dim_is_left_to_sdpa(built):
 
 
 def test_kernel_keeps_large_scores_finite(built):
-    """Scores of hundreds: e^(s - max) underflows for most keys, never to NaN or inf."""
+    """Scores of hundreds: e^(s - max) underflows for most keys, never to NaN or inf. A
+    score's rounding is then amplified by e^x: the kernel may be off the reference by as
+    much as PyTorch's SDPA is (1.8e-5 here), no more."""
     q, k, v = tensors(2, 4, 1, 1, 100, 64)
-    out = attention(q * 40, k, v)
+    out, ref = attention(q * 40, k, v), reference(q * 40, k, v, None)
     assert torch.isfinite(out).all()
-    assert_close(out, reference(q * 40, k, v, None), rtol=1e-5, atol=2e-6)
+    with kernel.disabled():
+        sdpa_error = (attention(q * 40, k, v) - ref).abs().max()
+    assert (out - ref).abs().max() <= max(sdpa_error, 2e-6)
 
 
 def test_kernel_equals_sdpa_path_and_is_used(built, monkeypatch):

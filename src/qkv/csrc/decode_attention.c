@@ -30,6 +30,21 @@ static inline v8 load8(const float *p) { v8 x; __builtin_memcpy(&x, p, 32); retu
 static inline void store8(float *p, v8 x) { __builtin_memcpy(p, &x, 32); }
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 
+#if defined(__AVX512F__)
+/* AVX-512's full width for the several-rows paths (D a multiple of 16): half the loads and
+   multiply-adds of 8-lane vectors. */
+typedef float v16 __attribute__((vector_size(64)));
+static inline v16 load16(const float *p) { v16 x; __builtin_memcpy(&x, p, 64); return x; }
+static inline void store16(float *p, v16 x) { __builtin_memcpy(p, &x, 64); }
+static inline v8 fold16(v16 x) {  /* lane j: x[j] + x[j + 8] */
+    return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
+         + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
+}
+#define WIDE 1
+#else
+#define WIDE 0
+#endif
+
 static inline float sum8(v8 x) {
     float s = 0.f;
     for (int i = 0; i < 8; i++) s += x[i];
@@ -109,8 +124,27 @@ static inline __attribute__((always_inline)) void scores(
         for (; t + 8 <= t1; t += 8, it++) {
             if (R >= 2 * NB)  /* the next tile, spread over this one's iterations */
                 prefetch_keys(k + t1 * ks, ks, D, it * nk / iters, (it + 1) * nk / iters);
-            v8 a[NB][8] = {{{0}}};
             const float *kt = k + t * ks;
+#if WIDE
+            if (D % 16 == 0) {
+                v16 a[NB][8] = {{{0}}};
+                for (int c = 0; c < D / 16; c++) {
+                    v16 x[NB];
+                    for (int i = 0; i < NB; i++) x[i] = load16(q + (r + i) * D + 16 * c);
+                    for (int j = 0; j < 8; j++) {
+                        v16 kj = load16(kt + j * ks + 16 * c);
+                        for (int i = 0; i < NB; i++) a[i][j] += x[i] * kj;
+                    }
+                }
+                for (int i = 0; i < NB; i++)
+                    store8(p + (long)(r + i) * S + t,
+                           sums8(fold16(a[i][0]), fold16(a[i][1]), fold16(a[i][2]),
+                                 fold16(a[i][3]), fold16(a[i][4]), fold16(a[i][5]),
+                                 fold16(a[i][6]), fold16(a[i][7])));
+                continue;
+            }
+#endif
+            v8 a[NB][8] = {{{0}}};
             for (int c = 0; c < C; c++) {
                 v8 x[NB];
                 for (int i = 0; i < NB; i++) x[i] = load8(q + (r + i) * D + 8 * c);
@@ -207,6 +241,28 @@ static inline __attribute__((always_inline)) void mix(
     int r = 0;
     const int nk = S - t1 < t1 - t0 ? S - t1 : t1 - t0, iters = (R / NB) * (t1 - t0) + 1;
     int it = 0;
+#if WIDE
+    for (; NB > 1 && r + NB <= R && D % 16 == 0 && D <= 128; r += NB) {  /* 16 lanes */
+        v16 acc[NB][8];
+        for (int i = 0; i < NB; i++)
+            for (int c = 0; c < D / 16; c++) acc[i][c] = load16(out + (r + i) * D + 16 * c);
+        for (int t = t0; t < t1; t++, it++) {
+            if (R >= 2 * NB)
+                prefetch_keys(v + t1 * vs, vs, D, it * nk / iters, (it + 1) * nk / iters);
+            v16 w[NB];
+            for (int i = 0; i < NB; i++) {
+                float pi = p[(long)(r + i) * S + t];
+                w[i] = (v16){pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi};
+            }
+            for (int c = 0; c < D / 16; c++) {
+                v16 vc = load16(v + t * vs + 16 * c);
+                for (int i = 0; i < NB; i++) acc[i][c] += w[i] * vc;
+            }
+        }
+        for (int i = 0; i < NB; i++)
+            for (int c = 0; c < D / 16; c++) store16(out + (r + i) * D + 16 * c, acc[i][c]);
+    }
+#endif
     for (; NB > 1 && r + NB <= R && C <= 8; r += NB) {  /* NB rows at once */
         v8 acc[NB][8];
         for (int i = 0; i < NB; i++)
