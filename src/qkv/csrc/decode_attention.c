@@ -75,29 +75,62 @@ static inline v8 max8(v8 a, v8 b) {  /* lane-wise a > b ? a : b */
     return out;
 }
 
+/* Vectors for e^x: AVX-512's 16 lanes where there are, else 8. */
+#if WIDE
+typedef v16 vexp;
+#else
+typedef v8 vexp;
+#endif
+typedef int32_t iexp __attribute__((vector_size(sizeof(vexp))));
+enum { EL = sizeof(vexp) / sizeof(float) };
+static inline vexp loade(const float *p) { vexp x; __builtin_memcpy(&x, p, sizeof x); return x; }
+static inline void storee(float *p, vexp x) { __builtin_memcpy(p, &x, sizeof x); }
+
 /* e^x for x <= 0 or -inf (scores minus their maximum; no NaN), relative error about 2e-7
    (Cephes expf). */
-static inline v8 exp8(v8 x) {
-    typedef int32_t i8 __attribute__((vector_size(32)));
-    i8 low = x < splat(-87.f);  /* e^-87 is near float's smallest normal: treat as 0 */
-    x = max8(x, splat(-88.f));  /* keeps the float -> int conversion below defined */
-    v8 n = (x * splat(1.44269504f) + splat(12582912.f)) - splat(12582912.f);  /* round(x / ln 2) */
-    v8 f = (x - n * splat(0.693359375f)) + n * splat(2.12194440e-4f);  /* x - n ln 2 */
-    v8 p = splat(1.9875691500e-4f);
-    p = p * f + splat(1.3981999507e-3f);
-    p = p * f + splat(8.3334519073e-3f);
-    p = p * f + splat(4.1665795894e-2f);
-    p = p * f + splat(1.6666665459e-1f);
-    p = p * f + splat(5.0000001201e-1f);
-    p = p * f * f + f + splat(1.f);
-    i8 bits = (__builtin_convertvector(n, i8) + 127) << 23, pbits;  /* 2^n */
-    v8 scale;
-    __builtin_memcpy(&scale, &bits, 32);
+static inline vexp expe(vexp x) {
+    iexp low = x < -87.f;  /* e^-87 is near float's smallest normal: treat as 0 */
+    iexp inside = x > -88.f, ix, floor;
+    vexp lowest = (vexp){0} - 88.f;
+    __builtin_memcpy(&ix, &x, sizeof x);
+    __builtin_memcpy(&floor, &lowest, sizeof x);
+    ix = (inside & ix) | (~inside & floor);  /* max(x, -88): keeps the conversion below defined */
+    __builtin_memcpy(&x, &ix, sizeof x);
+    vexp n = (x * 1.44269504f + 12582912.f) - 12582912.f;  /* round(x / ln 2) */
+    vexp f = (x - n * 0.693359375f) + n * 2.12194440e-4f;  /* x - n ln 2 */
+    vexp p = f * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    p = p * f * f + f + 1.f;
+    iexp bits = (__builtin_convertvector(n, iexp) + 127) << 23, pbits;  /* 2^n */
+    vexp scale;
+    __builtin_memcpy(&scale, &bits, sizeof x);
     p = p * scale;
-    __builtin_memcpy(&pbits, &p, 32);
+    __builtin_memcpy(&pbits, &p, sizeof x);
     pbits &= ~low;
-    __builtin_memcpy(&p, &pbits, 32);
+    __builtin_memcpy(&p, &pbits, sizeof x);
     return p;
+}
+
+/* sum_t e^(x[t] - m) for t < n, m finite; out[t] <- each term unless out is NULL. */
+static inline float exp_sum(const float *x, float *out, int n, float m) {
+    vexp acc = {0};
+    int t = 0;
+    for (; t + EL <= n; t += EL) {
+        vexp e = expe(loade(x + t) - m);
+        if (out) storee(out + t, e);
+        acc += e;
+    }
+    float sum = 0.f;
+    for (int j = 0; j < EL; j++) sum += acc[j];
+    for (; t < n; t++) {
+        float e = x[t] == -INFINITY ? 0.f : expf(x[t] - m);
+        if (out) out[t] = e;
+        sum += e;
+    }
+    return sum;
 }
 
 /* Prefetch keys [a, b) of the tile at k (stride ks) into L2. With several blocks of rows the
@@ -217,19 +250,7 @@ static float softmax_numerator(float *p, const uint8_t *keep, int S, float *max)
         return NAN;
     }
     *max = m;
-    v8 acc = {0};
-    t = 0;
-    for (; t + 8 <= S; t += 8) {
-        v8 e = exp8(load8(p + t) - splat(m));
-        store8(p + t, e);
-        acc += e;
-    }
-    float sum = sum8(acc);
-    for (; t < S; t++) {
-        p[t] = p[t] == -INFINITY ? 0.f : expf(p[t] - m);
-        sum += p[t];
-    }
-    return sum;
+    return exp_sum(p, p, S, m);
 }
 
 /* out[r] += sum_t p[r][t] v[t] for t in [t0, t1). */
@@ -415,10 +436,6 @@ void qkv_logsumexp_rows(const float *x, long N, int V, float *out, int threads)
             out[n] = isnan ? NAN : m;
             continue;
         }
-        v8 acc = {0};
-        for (t = 0; t + 8 <= V; t += 8) acc += exp8(load8(r + t) - splat(m));
-        float sum = sum8(acc);
-        for (; t < V; t++) sum += expf(r[t] - m);
-        out[n] = m + logf(sum);
+        out[n] = m + logf(exp_sum(r, NULL, V, m));
     }
 }
