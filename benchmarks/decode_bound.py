@@ -159,7 +159,7 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
     if "onednn_step_ms" in rows[0]:
         compared += "\n\n" + "\n\n".join([
             "The same steps with oneDNN's packed product instead of the compiled skinny one "
-            "for 4-64 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear layers as "
+            "for 2-64 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear layers as "
             "in session 11), interleaved with the rows above:",
             table(["kv heads", "batch", "context", "oneDNN ms/step", "step/bound",
                    "skinny kernel speed-up", "speed-up vs MHA"],

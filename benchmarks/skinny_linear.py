@@ -6,7 +6,7 @@ cache). `--weights table2`: the matrices one decoding step of hf.py's beam-searc
 multiplies (3 decoder layers of d_model 256 x self-attention q, k, v, o, cross-attention
 q, o, fc1, fc2, plus the 8000 x 256 output layer; 19 MB). Each is multiplied by an input
 of M rows, for the M a decode step sees (the batch, or sentences x beams). qkv.linear
-uses its compiled skinny product for 4-64 rows (kernel.skinny_max_rows()), oneDNN with a
+uses its compiled skinny product for 2-64 rows (kernel.skinny_max_rows()), oneDNN with a
 packed weight above (from 4 rows without the compiled kernels) for big enough products, computes
 (W @ x^T)^T for the other M in SKINNY_ROWS, splits a single row's product into one block
 of W's rows per thread (one bmm), and falls back to F.linear elsewhere; this benchmark is

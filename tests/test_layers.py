@@ -281,7 +281,7 @@ def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias, monkeypa
     """1 to skinny_max_rows() rows (several chunks of 16 from 17 rows on), with output
     widths that leave a padded last block (1000, 40, 8, 100 are not multiples of 16), a
     width of 1024 (rows 4 KB apart) and inputs that are 3-D or not contiguous."""
-    monkeypatch.setattr(QL, "BLOCKED_MIN_ROWS", 1)  # the kernel takes 1-3 rows too
+    monkeypatch.setattr(QL, "BLOCKED_MIN_ROWS", 1)  # the kernel takes 1 row too
     N, K = shape
     torch.manual_seed(N + K)
     w, b = torch.randn(N, K) * K**-0.5, torch.randn(N) if bias else None  # outputs ~1

@@ -73,7 +73,7 @@ def add_bench_arguments(parser) -> None:
                              "(qkv.linear), interleaved")
     parser.add_argument("--compare-blocked", action="store_true",
                         help="decode: also time qkv with oneDNN's packed product instead of "
-                             "the compiled skinny one for 4-64 rows, interleaved")
+                             "the compiled skinny one for 2-64 rows, interleaved")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 

@@ -1,4 +1,4 @@
-"""Linear layers for inference: packed weights (a compiled kernel for 4-64 rows, oneDNN
+"""Linear layers for inference: packed weights (a compiled kernel for 2-64 rows, oneDNN
 above), skinny products reversed.
 
 F.linear computes x @ W^T. When x has only a few rows (a decoding step of a batch), the
@@ -21,7 +21,7 @@ the weight packed once into oneDNN's blocked layout and kept (`packed_weight`): 
 (docs/benchmarks.md, session 11). The packed copy costs
 the weight's own size again in memory while the weight lives; QKV_PACKED=0 never packs.
 
-From 4 to 64 rows (BLOCKED_MIN_ROWS, BLOCKED_MAX_ROWS, `kernel.skinny_max_rows()`), float32
+From 2 to 64 rows (BLOCKED_MIN_ROWS, BLOCKED_MAX_ROWS, `kernel.skinny_max_rows()`), float32
 weights of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product instead
 (csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at a few rows the
 time is the time to stream the weight, and that kernel prefetches it far ahead while it
@@ -58,12 +58,11 @@ SKINNY_ROWS = range(2, 49)
 # over all of SmolLM2's matrices at 4 rows, 1.6-2x from 8 (benchmarks/skinny_linear.py);
 # bfloat16 1.15-1.57x at every row count from 128 x 128.
 # The compiled skinny product (kernel.skinny_linear) for BLOCKED_MIN_ROWS to
-# kernel.skinny_max_rows() rows, float32, weights of at least BLOCKED_MIN_WEIGHT elements:
-# see the module's docstring. On the Zen 5 (skinny_linear.py), the Table 2 model's matrices
-# (256 x 256 to 8000 x 256, in L3) at 1-2 rows took 1.3-1.7x longer than the other paths,
-# even its 8000 x 256 output layer alone (not understood); from 4 rows it was as fast or
-# faster, and on SmolLM2's matrices at 1-2 rows a tie or 1.3x faster.
-BLOCKED_MIN_ROWS = 4
+# BLOCKED_MAX_ROWS rows, float32, weights of at least BLOCKED_MIN_WEIGHT elements: see the
+# module's docstring. One row keeps `_matvec`: on the Zen 5, whole decodes at batch 1 were a
+# tie (0.95x-1.03x), at 2-3 rows 1.36-1.59x faster with the kernel (ad hoc,
+# docs/benchmarks.md, session 12).
+BLOCKED_MIN_ROWS = 2
 BLOCKED_MAX_ROWS = 64
 BLOCKED_MIN_WEIGHT = 1 << 14
 PACKED_MIN_ROWS = 4
