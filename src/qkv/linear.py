@@ -26,8 +26,8 @@ weights of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product ins
 (csrc/skinny_linear.c), with its own packed copy (`blocked_weight`): at a few rows the
 time is the time to stream the weight, and that kernel prefetches it far ahead while it
 computes. On a 2-core AMD EPYC Zen 5, over SmolLM2's matrices at 16 rows, 1.5x faster than
-oneDNN's packed product through `linear`; at 32-64 rows 1.05-1.1x, and over the Table 2
-model's matrices 1.2-1.45x (docs/benchmarks.md, session 12). A weight used with both row
+oneDNN's packed product through `linear`; at 32-64 rows 1.07-1.29x, and over the Table 2
+model's matrices at 8-64 rows 1.1-1.45x (docs/benchmarks.md, session 12). A weight used with both row
 counts (a long prompt, then decode steps) has both copies: twice its size again.
 """
 
