@@ -27,8 +27,9 @@ weights of at least BLOCKED_MIN_WEIGHT elements go to qkv's compiled product ins
 time is the time to stream the weight, and that kernel prefetches it far ahead while it
 computes. On a 2-core AMD EPYC Zen 5, over SmolLM2's matrices at 16 rows, 1.5x faster than
 oneDNN's packed product through `linear`; at 32-64 rows 1.07-1.29x, and over the Table 2
-model's matrices at 8-64 rows 1.1-1.45x (docs/benchmarks.md, session 12). A weight used with both row
-counts (a long prompt, then decode steps) has both copies: twice its size again.
+model's matrices at 8-64 rows 1.1-1.45x (docs/benchmarks.md, session 12). A weight used
+with both row counts (a long prompt, then decode steps) has both copies: twice its size
+again.
 """
 
 from __future__ import annotations
