@@ -82,11 +82,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
             or torch.is_grad_enabled() or weight.dim() != 2 or x.shape[-1] != weight.shape[1]
             or (bias is not None and bias.shape != weight.shape[:1])):
         return F.linear(x, weight, bias)  # also for its errors and broadcasting rules
-    if _use_blocked(x, weight, bias, rows):
+    kind = _packed_kind(x, weight, bias, rows)
+    if kind == "blocked":
         y = kernel.skinny_linear(x.reshape(rows, x.shape[-1]).contiguous(),
                                  blocked_weight(weight), bias, weight.shape[0])
         return y.view(*x.shape[:-1], weight.shape[0])
-    if _use_packed(x, weight, bias, rows):
+    if kind == "onednn":
         y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]),
                                                packed_weight(weight), bias, "none", [], "")
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -117,25 +118,27 @@ def _matvec(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return y.view(*x.shape[:-1], N)  # (P, N/P, 1) -> (..., N), contiguous
 
 
-def _use_blocked(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
-    return (x.dtype == torch.float32 and weight.shape[0] * weight.shape[1] >= BLOCKED_MIN_WEIGHT
-            and BLOCKED_MIN_ROWS <= rows <= min(BLOCKED_MAX_ROWS, kernel.skinny_max_rows())
-            and _may_pack(x, weight, bias, "blocked"))
-
-
-def _use_packed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> bool:
+def _packed_kind(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> str | None:
+    """Which packed copy of `weight` computes this call: "blocked", "onednn" or None."""
     N, C = weight.shape
-    if x.dtype == torch.bfloat16:
-        big = N * C >= PACKED_MIN_BF16_WEIGHT and bf16_is_native()
-    else:
-        big = rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS
-    return big and rows > 0 and _HAVE_PACKED and _may_pack(x, weight, bias, "onednn")
+    kinds = []
+    if x.dtype == torch.float32:
+        if (N * C >= BLOCKED_MIN_WEIGHT and BLOCKED_MIN_ROWS <= rows <= BLOCKED_MAX_ROWS
+                and rows <= kernel.skinny_max_rows()):
+            kinds.append("blocked")
+        if rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS and _HAVE_PACKED:
+            kinds.append("onednn")
+    elif rows > 0 and N * C >= PACKED_MIN_BF16_WEIGHT and _HAVE_PACKED and bf16_is_native():
+        kinds.append("onednn")
+    if kinds:
+        off = _packing_off()
+        kinds = [k for k in kinds if k not in off]
+    return kinds[0] if kinds and _may_pack(x, weight, bias) else None
 
 
-def _may_pack(x: Tensor, weight: Tensor, bias: Tensor | None, kind: str) -> bool:
-    """Whether a packed copy of `weight` of this kind may stand in for it in this call."""
-    return (_packing_on(kind)
-            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
+def _may_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
+    """Whether a packed copy of `weight` may stand in for it in this call."""
+    return ((bias is None or (bias.dtype == x.dtype and bias.is_contiguous()))
             and all(_plain(t) for t in (x, weight, bias) if t is not None)
             and not weight.is_inference() and not _transformed()
             and not torch.is_autocast_enabled("cpu"))  # autocast picks F.linear's dtype
@@ -162,10 +165,9 @@ def _cached(weight: Tensor, kind: str, make) -> Tensor:
     if hit is not None and hit[0] == key:
         return hit[1]
     copies = {k: hit for k, hit in (copies or {}).items() if hit[0] == key}
-    if kind not in copies:
-        with torch.inference_mode():
-            copies[kind] = (key, make(weight.detach()))
-    _packed[weight] = copies  # stale copies of other kinds go now
+    with torch.inference_mode():
+        copies[kind] = (key, make(weight.detach()))
+    _packed[weight] = copies  # copies made before `weight` changed go now
     return copies[kind][1]
 
 
@@ -205,13 +207,13 @@ def packing_disabled(*kinds: str):
         _switch.off = before
 
 
-def _packing_on(kind: str) -> bool:
-    if kind in getattr(_switch, "off", ()):
-        return False
+def _packing_off() -> frozenset | tuple:
+    """The kinds of packed copies switched off here: by `packing_disabled` in this thread,
+    or all of them by QKV_PACKED=0."""
     value = os.environ.get("QKV_PACKED", "")
     if value not in ("", "0", "1"):
         raise ValueError(f"QKV_PACKED={value!r} must be 0 (never pack weights) or 1/unset (pack)")
-    return value != "0"
+    return KINDS if value == "0" else getattr(_switch, "off", ())
 
 
 _HAVE_PACKED = (torch.backends.mkldnn.is_available()
@@ -221,7 +223,7 @@ _HAVE_PACKED = (torch.backends.mkldnn.is_available()
 
 def _plain(t: Tensor) -> bool:
     """A dense CPU tensor that no transform (vmap, fake or subclass tensors) wraps."""
-    return (type(t) in (torch.Tensor, nn.Parameter) and t.device.type == "cpu"
+    return (type(t) in (torch.Tensor, nn.Parameter) and t.is_cpu
             and t.layout == torch.strided and not _functorch_wrapped(t))
 
 
