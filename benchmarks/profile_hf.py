@@ -55,7 +55,8 @@ def section(title: str, res: dict) -> str:
             for g in groups]
     rows.append(["total self CPU"] + [f"{fmt(r[1])} s" for r in res.values()])
     rows.append(["wall time of the profiled call"] + [f"{fmt(r[3])} s" for r in res.values()])
-    rows.append(["outside operators: wall - self CPU (Python, qkv's compiled kernels)"]
+    rows.append(["outside operators: wall - self CPU (Python, qkv's compiled kernels, the "
+                 "profiler's own cost)"]
                 + [f"{fmt(r[3] - r[1])} s" for r in res.values()])
     tops = "\n".join(f"- {lib}: " + "; ".join(f"{k} {fmt(t)} s x{c}" for k, t, c in r[2])
                      for lib, r in res.items())
@@ -86,7 +87,7 @@ def main() -> None:
         "torch.profiler, one call after one warm-up; self CPU time per operator group. "
         "qkv's compiled kernels (decode attention, the skinny product of 2-64 rows, beam "
         "search's logsumexp) are called through ctypes: the profiler does not see them, so "
-        "their time is in the last row with Python's, not in the groups.",
+        "their time is in the last row with Python's and the profiler's, not in the groups.",
         section(f"LM greedy, batch {B}, prompt {prompt}, {new} new tokens", lm),
         section(f"MT beam 4, {Bm} sources of {S}, {L} output tokens", mt),
     ])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import math
 import os
+import platform
 import subprocess
 import sys
 import threading
@@ -354,15 +355,24 @@ def test_library_is_built_once_and_reused(built, tmp_path):
 # ------------------------------------------------------------------ logsumexp_rows
 
 
-@pytest.mark.parametrize("shape", [(64, 8000), (1, 7), (3, 8), (5, 9), (2, 1), (0, 5)])
-def test_logsumexp_rows_equals_torch(built, shape):
+def _no_torch_logsumexp(monkeypatch):
+    """Make Tensor.logsumexp fail: what passes then came from the compiled path."""
+    def fail(*args, **kwargs):
+        raise AssertionError("torch's logsumexp was called")
+    monkeypatch.setattr(torch.Tensor, "logsumexp", fail)
+
+
+@pytest.mark.parametrize("shape", [(64, 8000), (1, 7), (3, 8), (5, 9), (2, 1), (0, 5), (3, 17)])
+def test_logsumexp_rows_equals_torch(built, shape, monkeypatch):
     torch.manual_seed(shape[1])
     x = torch.randn(*shape) * 10
+    ref = torch.logsumexp(x, -1)
+    _no_torch_logsumexp(monkeypatch)
     with torch.no_grad():
-        assert_close(kernel.logsumexp_rows(x), x.logsumexp(-1), rtol=1e-6, atol=1e-5)
+        assert_close(kernel.logsumexp_rows(x), ref, rtol=1e-6, atol=1e-5)
 
 
-def test_logsumexp_rows_special_values_as_torch(built):
+def test_logsumexp_rows_special_values_as_torch(built, monkeypatch):
     x = torch.randn(6, 21)
     x[0] = float("-inf")  # every value -inf: -inf
     x[1, 3] = float("inf")  # +inf: +inf
@@ -370,17 +380,63 @@ def test_logsumexp_rows_special_values_as_torch(built):
     x[3, 4] = float("nan")  # NaN in a vector
     x[4, :20] = float("-inf")  # one finite value
     x[5, 0] = 1e30  # one huge value: its own log-sum
-    ours, ref = kernel.logsumexp_rows(x), x.logsumexp(-1)
-    assert_close(ours, ref, equal_nan=True)
+    ref = torch.logsumexp(x, -1)
+    _no_torch_logsumexp(monkeypatch)
+    assert_close(kernel.logsumexp_rows(x), ref, equal_nan=True)
 
 
 def test_logsumexp_rows_falls_back_to_torch(built, monkeypatch):
-    """Not contiguous, gradients wanted, float64, or QKV_KERNEL=0: torch's result."""
+    """Not contiguous, gradients wanted, float64, kernel.disabled() or QKV_KERNEL=0:
+    torch's own logsumexp (seen being called)."""
     x = torch.randn(4, 30)
+    calls = []
+    real = torch.Tensor.logsumexp
+    monkeypatch.setattr(torch.Tensor, "logsumexp",
+                        lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
     for t in (x[:, ::2], x.double(), x.clone().requires_grad_()):
-        assert_close(kernel.logsumexp_rows(t), t.logsumexp(-1))
+        assert_close(kernel.logsumexp_rows(t), torch.logsumexp(t, -1))
     g = x.clone().requires_grad_()
     kernel.logsumexp_rows(g).sum().backward()  # torch's op: a gradient comes back
     assert_close(g.grad, torch.softmax(x, -1))
+    with kernel.disabled():
+        assert_close(kernel.logsumexp_rows(x), torch.logsumexp(x, -1))
     monkeypatch.setenv("QKV_KERNEL", "0")
-    assert_close(kernel.logsumexp_rows(x), x.logsumexp(-1))
+    assert_close(kernel.logsumexp_rows(x), torch.logsumexp(x, -1))
+    assert len(calls) == 6
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and f" {flag} " in line + " "
+                   for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64" or not _cpu_has("avx2"),
+                    reason="needs an x86-64 CPU with AVX2")
+def test_avx2_build_gives_the_same_results(built, tmp_path, monkeypatch):
+    """CI may run on a CPU without AVX-512: the kernels built for AVX2 (8-lane blocks, 12-row
+    chunks of the skinny product) against PyTorch, on this machine."""
+    flags = ["-march=x86-64-v3" if f == "-march=native" else f for f in kernel.FLAGS]
+    target = tmp_path / "avx2.so"
+    done = subprocess.run([os.environ.get("CC", "cc"), *flags, *map(str, kernel.SOURCES),
+                           "-o", str(target), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    lib = kernel._load(target)
+    assert (lib.qkv_skinny_width(), lib.qkv_skinny_max_rows()) == (8, 64)
+    monkeypatch.setattr(kernel, "_library", lambda: lib)
+    torch.manual_seed(0)
+    for N, K in [(100, 129), (40, 64)]:
+        w, b = torch.randn(N, K) * K**-0.5, torch.randn(N)
+        packed = kernel.pack_skinny(w)
+        for M in (1, 2, 12, 13, 25, 64):  # chunks of 12 rows: 13 and 25 cross them
+            x = torch.randn(M, K)
+            assert_close(kernel.skinny_linear(x, packed, b, N), torch.nn.functional.linear(x, w, b),
+                         rtol=1e-5, atol=1e-4)
+    for B, H, G, T, S, D in [(2, 9, 1, 1, 77, 64), (2, 8, 2, 4, 33, 128), (2, 9, 9, 1, 130, 64)]:
+        q, k, v = tensors(B, H, G, T, S, D)
+        assert_close(kernel.attention(q, k, v, None), reference(q, k, v, None),
+                     rtol=1e-5, atol=2e-6)
+    x = torch.randn(3, 8000) * 5
+    assert_close(kernel.logsumexp_rows(x), torch.logsumexp(x, -1), rtol=1e-6, atol=1e-5)

@@ -275,12 +275,14 @@ def test_packed_linear_equals_f_linear(rows, bias):
 
 
 @pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
-@pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200)])
+@pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200),
+                                   (200, 129), (130, 127)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias, monkeypatch):
     """1 to skinny_max_rows() rows (several chunks of 16 from 17 rows on), with output
-    widths that leave a padded last block (1000, 40, 8, 100 are not multiples of 16), a
-    width of 1024 (rows 4 KB apart) and inputs that are 3-D or not contiguous."""
+    widths that leave a padded last block (1000, 40, 8, 100, 130 are not multiples of 16),
+    a width of 1024 (rows 4 KB apart), odd widths (the loop's tail over K) and inputs that
+    are 3-D or not contiguous."""
     monkeypatch.setattr(QL, "BLOCKED_MIN_ROWS", 1)  # the kernel takes 1 row too
     N, K = shape
     torch.manual_seed(N + K)
@@ -407,10 +409,18 @@ def test_packing_can_be_switched_off(monkeypatch):
 
 
 @pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
-def test_skinny_linear_rejects_rows_out_of_range():
+def test_skinny_linear_rejects_bad_inputs():
     w = torch.randn(32, 16)
-    with pytest.raises(MemoryError, match="65 rows is out of range"):
-        kernel.skinny_linear(torch.randn(65, 16), kernel.pack_skinny(w), None, 32)
+    packed = kernel.pack_skinny(w)
+    with pytest.raises(ValueError, match="65 rows; expected 1 to 64"):
+        kernel.skinny_linear(torch.randn(65, 16), packed, None, 32)
+    with pytest.raises(ValueError, match="x must be contiguous float32"):
+        kernel.skinny_linear(torch.randn(4, 32)[:, ::2], packed, None, 32)
+    with pytest.raises(ValueError, match=r"packed \(\d+, 16, \d+\) is not pack_skinny's layout "
+                                         r"of a \(48, 16\) weight"):
+        kernel.skinny_linear(torch.randn(4, 16), packed, None, 48)
+    with pytest.raises(ValueError, match=r"bias must be \(32,\) contiguous float32"):
+        kernel.skinny_linear(torch.randn(4, 16), packed, torch.randn(31), 32)
 
 
 def test_packing_can_be_switched_off_by_kind():

@@ -148,9 +148,9 @@ def _library() -> ctypes.CDLL | None:
             raise KernelUnavailable(f"QKV_KERNEL=1 but the decode attention kernel is "
                                     f"unavailable: {e}") from e
         warnings.warn(
-            f"qkv: the decode attention kernel is unavailable ({e}); decode steps use "
-            "PyTorch's attention, which is slower. QKV_KERNEL=0 skips the kernel and this "
-            "warning.", RuntimeWarning, stacklevel=3)
+            f"qkv: the compiled kernels are unavailable ({e}); decode steps use PyTorch's "
+            "attention and products, which are slower. QKV_KERNEL=0 skips the kernels and "
+            "this warning.", RuntimeWarning, stacklevel=3)
         return None
 
 
@@ -165,8 +165,9 @@ def _on() -> bool:
 
 @contextmanager
 def disabled():
-    """Attention without the kernel inside the block, in this thread (others keep it):
-    for comparisons in one process."""
+    """Attention and `logsumexp_rows` without the compiled kernels inside the block, in this
+    thread (others keep them): for comparisons in one process. The products have their own
+    switch, `qkv.linear.packing_disabled("blocked")`."""
     before, _switch.off = not _on(), True
     try:
         yield
@@ -185,24 +186,41 @@ def skinny_max_rows() -> int:
 
 def pack_skinny(weight: Tensor) -> Tensor:
     """weight (N, K) float32 as `skinny_linear` reads it: (ceil(N / VW), K, VW), blocks of
-    VW output columns, the last padded with zeros. A copy: the weight's size again."""
+    VW output columns (16 with AVX-512, 8 with AVX2), the last padded with zeros. A copy:
+    the weight's size again."""
     vw, (N, K) = _library().qkv_skinny_width(), weight.shape
-    padded = weight.new_zeros(-(-N // vw) * vw, K)
-    padded[:N] = weight
-    return padded.view(-1, vw, K).transpose(1, 2).contiguous()
+    full, rest = divmod(N, vw)
+    out = weight.new_zeros(full + (rest > 0), K, vw)
+    out[:full] = weight[: full * vw].view(full, vw, K).transpose(1, 2)
+    if rest:
+        out[full, :, :rest] = weight[full * vw :].T
+    return out
 
 
 def skinny_linear(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
     """x (M, K) contiguous float32 @ W^T + bias -> (M, n), 1 <= M <= skinny_max_rows(), W
-    given as pack_skinny(W) (n its rows); bias contiguous or None."""
+    given as pack_skinny(W) (n its rows); bias (n,) contiguous or None."""
     M, K = x.shape
+    lib = _library()
+    vw, most = lib.qkv_skinny_width(), lib.qkv_skinny_max_rows()
+    if not 1 <= M <= most:
+        raise ValueError(f"skinny_linear: {M} rows; expected 1 to {most}")
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise ValueError(f"skinny_linear: x must be contiguous float32, got {x.dtype} "
+                         f"with strides {x.stride()}")
+    if packed.shape != (-(-n // vw), K, vw) or not packed.is_contiguous():
+        raise ValueError(f"skinny_linear: packed {tuple(packed.shape)} is not pack_skinny's "
+                         f"layout of a ({n}, {K}) weight: ({-(-n // vw)}, {K}, {vw})")
+    if bias is not None and (bias.shape != (n,) or not bias.is_contiguous()
+                             or bias.dtype != torch.float32):
+        raise ValueError(f"skinny_linear: bias must be ({n},) contiguous float32, got "
+                         f"{tuple(bias.shape)} {bias.dtype}")
     y = x.new_empty(M, n)
-    failed = _library().qkv_skinny_linear(
+    failed = lib.qkv_skinny_linear(
         packed.data_ptr(), x.data_ptr(), None if bias is None else bias.data_ptr(),
         y.data_ptr(), M, K, n, torch.get_num_threads())
     if failed:
-        raise MemoryError(f"skinny linear: no memory for {M} x {K} floats of scratch"
-                          if failed == 1 else f"skinny linear: {M} rows is out of range")
+        raise MemoryError(f"skinny linear: no memory for {M} x {K} floats of scratch")
     return y
 
 
@@ -212,7 +230,7 @@ def logsumexp_rows(x: Tensor) -> Tensor:
     ~220 (Zen 5, 2 threads, ad hoc). Otherwise, or without the library, torch's."""
     if not (_plain(x) and x.dim() == 2 and x.is_contiguous() and x.shape[1] > 0
             and not (torch.is_grad_enabled() and x.requires_grad) and not _transformed()
-            and _setting() != "0" and _library() is not None):
+            and _on() and _setting() != "0" and _library() is not None):
         return x.logsumexp(-1)
     out = x.new_empty(x.shape[0])
     _library().qkv_logsumexp_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(),

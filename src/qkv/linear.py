@@ -123,8 +123,7 @@ def _packed_kind(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> s
     N, C = weight.shape
     kinds = []
     if x.dtype == torch.float32:
-        if (N * C >= BLOCKED_MIN_WEIGHT and BLOCKED_MIN_ROWS <= rows <= BLOCKED_MAX_ROWS
-                and rows <= kernel.skinny_max_rows()):
+        if N * C >= BLOCKED_MIN_WEIGHT and BLOCKED_MIN_ROWS <= rows <= BLOCKED_MAX_ROWS:
             kinds.append("blocked")
         if rows >= PACKED_MIN_ROWS and rows * N * C >= PACKED_MIN_MACS and _HAVE_PACKED:
             kinds.append("onednn")
@@ -133,7 +132,11 @@ def _packed_kind(x: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> s
     if kinds:
         off = _packing_off()
         kinds = [k for k in kinds if k not in off]
-    return kinds[0] if kinds and _may_pack(x, weight, bias) else None
+    if not kinds or not _may_pack(x, weight, bias):
+        return None
+    if kinds[0] == "blocked" and rows > kernel.skinny_max_rows():  # builds the library once
+        kinds.pop(0)
+    return kinds[0] if kinds else None
 
 
 def _may_pack(x: Tensor, weight: Tensor, bias: Tensor | None) -> bool:
