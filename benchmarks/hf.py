@@ -269,7 +269,8 @@ def main() -> None:
         "(median), which preemption by other jobs does not inflate; the speed-ups are "
         "HF time / qkv time from wall-clock and from CPU medians."
         + (f" '{NO_KERNEL}': qkv with `kernel.disabled()`, i.e. PyTorch's SDPA for the "
-           "decode steps' attention, interleaved with the others." if args.compare_kernel
+           "decode steps' attention and torch.logsumexp in beam search (the skinny products "
+           "stay), interleaved with the others." if args.compare_kernel
            else "")
         + (f" '{UNPACKED}': qkv with `linear.packing_disabled()`, i.e. its linear layers "
            "without oneDNN's packed weights, interleaved with the others."
