@@ -70,10 +70,13 @@ def timed(fn: Callable[[], object]) -> float:
 
 
 def measure(fns: dict[str, Callable[[], object]], repeats: int = 5,
-            warmup: int = 1) -> dict[str, Stats]:
+            warmup: int = 1, settle: bool = False) -> dict[str, Stats]:
     """Time each fn `repeats` times after `warmup` calls, interleaved A B C A B C ...
 
-    The order rotates every repeat so that neither side always runs first.
+    The order rotates every repeat so that neither side always runs first. settle: call
+    each fn once more, untimed, right before each timed call, so that data which fits in
+    the caches is there for every fn alike (otherwise fns that share data, like products
+    of the same weights, find it warm and fns with their own copies find it cold).
     """
     names = list(fns)
     for _ in range(warmup):
@@ -83,6 +86,8 @@ def measure(fns: dict[str, Callable[[], object]], repeats: int = 5,
     for r in range(repeats):
         k = r % len(names)
         for name in names[k:] + names[:k]:
+            if settle:
+                fns[name]()
             cpu = time.process_time()
             out[name].times.append(timed(fns[name]))
             out[name].cpu_times.append(time.process_time() - cpu)

@@ -78,7 +78,7 @@ def main() -> None:
                     xs[w.shape[1]], packed_weight(w), None, "none", [], "") for w in ws],
                 "qkv.linear": lambda xs=xs: [linear(xs[w.shape[1]], w) for w in ws],
             }
-            stats = measure(fns, repeats, 1)
+            stats = measure(fns, repeats, 1, settle=True)
             base = stats["F.linear"].median
             for name, s in stats.items():
                 rows.append([M, name, fmt_stats(*s.scaled(1e3)), fmt(nbytes / s.median / 1e9),
@@ -90,8 +90,10 @@ def main() -> None:
         context_line(info, command_line()),
         f"{len(ws)} weight matrices ({nbytes / 1e6:,.0f} MB), each multiplied by an M-row "
         f"input; ms per pass over all of them, median (min-max) of {repeats} after a "
-        "warm-up, all interleaved; GB/s = weight bytes / time; speed-up = F.linear "
-        "time / this time. 'oneDNN packed': torch.ops.mkldnn._linear_pointwise with the "
+        "warm-up, all interleaved, each timed pass right after an untimed one of the same "
+        "product (so that weights which fit in the caches are warm for every product); "
+        "GB/s = weight bytes / time; speed-up = F.linear time / this time. 'oneDNN packed': "
+        "torch.ops.mkldnn._linear_pointwise with the "
         "weight packed once beforehand (not timed). qkv.linear uses it for a matrix when "
         f"M >= {PACKED_MIN_ROWS} and M x N x C >= {PACKED_MIN_MACS:,}; otherwise it "
         f"reverses the product for M in {SKINNY_ROWS.start}-{SKINNY_ROWS.stop - 1}; for "
