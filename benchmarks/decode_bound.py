@@ -64,6 +64,25 @@ def weight_bytes(model: DecoderLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+# The comparison runs (--compare-kernel, --compare-packed, --compare-blocked): each step
+# again with one of qkv's paths switched off. name -> (the switch, the JSON key of qkv's
+# speed-up over that run, the table's column for that run, its column for the speed-up,
+# the table's introduction).
+VARIANTS = {
+    "sdpa": (kernel.disabled, "kernel_speedup", "SDPA", "kernel speed-up",
+             "The same steps without the compiled decode attention (`kernel.disabled()`: "
+             "PyTorch's SDPA, qkv's path before it)"),
+    "unpacked": (packing_disabled, "packed_speedup", "unpacked", "packed speed-up",
+                 "The same steps without packed weights (`linear.packing_disabled()`: qkv's "
+                 "linear layers as before session 11)"),
+    "onednn": (lambda: packing_disabled("blocked"), "blocked_speedup", "oneDNN",
+               "skinny kernel speed-up",
+               "The same steps with oneDNN's packed product instead of the compiled skinny "
+               "one for 2-64 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear "
+               "layers as in session 11)"),
+}
+
+
 def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
                 repeats: int, probe: torch.Tensor, compare_kernel: bool = False,
                 compare_packed: bool = False, compare_blocked: bool = False) -> list[dict]:
@@ -73,17 +92,16 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
     packed product instead of the compiled skinny one."""
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
-    for on, name, off in [(compare_kernel, "sdpa", kernel.disabled),
-                          (compare_packed, "unpacked", packing_disabled),
-                          (compare_blocked, "onednn", lambda: packing_disabled("blocked"))]:
+    for on, name in zip((compare_kernel, compare_packed, compare_blocked), VARIANTS,
+                        strict=True):
         if on:
+            off = VARIANTS[name][0]
             fns |= {(name, g): off()(step_fn(m, caches[g], context, steps))
                     for g, m in models.items()}
     stats = measure({**fns, "probe": probe.sum}, repeats, 1)
     p = stats.pop("probe")
-    sdpa = {g: stats.pop(("sdpa", g)) for g in models if ("sdpa", g) in stats}
-    unpacked = {g: stats.pop(("unpacked", g)) for g in models if ("unpacked", g) in stats}
-    onednn = {g: stats.pop(("onednn", g)) for g in models if ("onednn", g) in stats}
+    others = {name: {g: stats.pop((name, g)) for g in models if (name, g) in stats}
+              for name in VARIANTS}
     bw = tuple(probe.numel() * 4 / t / 1e9 for t in (p.median, p.max, p.min))  # GB/s
     rows = []
     for g, s in stats.items():
@@ -96,18 +114,11 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
                          bound_ms=moved / bw[0] / 1e6, weight_bytes=weight_bytes(models[g]),
                          kv_bytes_per_token=kv_tok, params=count_parameters(models[g]),
                          vs_mha=stats[cfg.n_heads].median / s.median))
-        if g in sdpa:
-            rows[-1] |= dict(sdpa_step_ms=sdpa[g].scaled(1e3 / steps),
-                             kernel_speedup=sdpa[g].median / s.median,
-                             sdpa_vs_mha=sdpa[cfg.n_heads].median / sdpa[g].median)
-        if g in unpacked:
-            rows[-1] |= dict(unpacked_step_ms=unpacked[g].scaled(1e3 / steps),
-                             packed_speedup=unpacked[g].median / s.median,
-                             unpacked_vs_mha=unpacked[cfg.n_heads].median / unpacked[g].median)
-        if g in onednn:
-            rows[-1] |= dict(onednn_step_ms=onednn[g].scaled(1e3 / steps),
-                             blocked_speedup=onednn[g].median / s.median,
-                             onednn_vs_mha=onednn[cfg.n_heads].median / onednn[g].median)
+        for name, times in others.items():
+            if g in times:
+                rows[-1] |= {f"{name}_step_ms": times[g].scaled(1e3 / steps),
+                             VARIANTS[name][1]: times[g].median / s.median,
+                             f"{name}_vs_mha": times[cfg.n_heads].median / times[g].median}
     return rows
 
 
@@ -137,36 +148,16 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
              fmt(r["batch"] / r["step_ms"][0] * 1e3), fmt(r["vs_mha"])] for r in rows]
     kv = sorted({(r["n_kv_heads"], r["kv_bytes_per_token"]) for r in rows}, reverse=True)
     compared = ""
-    if "sdpa_step_ms" in rows[0]:
-        compared = "\n\n" + "\n\n".join([
-            "The same steps without the compiled decode attention (`kernel.disabled()`: "
-            "PyTorch's SDPA, qkv's path before it), interleaved with the rows above:",
-            table(["kv heads", "batch", "context", "SDPA ms/step", "step/bound",
-                   "kernel speed-up", "speed-up vs MHA"],
-                  [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["sdpa_step_ms"]),
-                    fmt(r["sdpa_step_ms"][0] / r["bound_ms"]), fmt(r["kernel_speedup"]),
-                    fmt(r["sdpa_vs_mha"])] for r in rows])])
-    if "unpacked_step_ms" in rows[0]:
-        compared += "\n\n" + "\n\n".join([
-            "The same steps without packed weights (`linear.packing_disabled()`: qkv's "
-            "linear layers as before session 11), interleaved with the rows above:",
-            table(["kv heads", "batch", "context", "unpacked ms/step", "step/bound",
-                   "packed speed-up", "speed-up vs MHA"],
-                  [[r["n_kv_heads"], r["batch"], r["context"],
-                    fmt_stats(*r["unpacked_step_ms"]),
-                    fmt(r["unpacked_step_ms"][0] / r["bound_ms"]), fmt(r["packed_speedup"]),
-                    fmt(r["unpacked_vs_mha"])] for r in rows])])
-    if "onednn_step_ms" in rows[0]:
-        compared += "\n\n" + "\n\n".join([
-            "The same steps with oneDNN's packed product instead of the compiled skinny one "
-            "for 2-64 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear layers as "
-            "in session 11), interleaved with the rows above:",
-            table(["kv heads", "batch", "context", "oneDNN ms/step", "step/bound",
-                   "skinny kernel speed-up", "speed-up vs MHA"],
-                  [[r["n_kv_heads"], r["batch"], r["context"],
-                    fmt_stats(*r["onednn_step_ms"]),
-                    fmt(r["onednn_step_ms"][0] / r["bound_ms"]), fmt(r["blocked_speedup"]),
-                    fmt(r["onednn_vs_mha"])] for r in rows])])
+    for name, (_, speedup, column, title, intro) in VARIANTS.items():
+        if f"{name}_step_ms" in rows[0]:
+            compared += "\n\n" + "\n\n".join([
+                intro + ", interleaved with the rows above:",
+                table(["kv heads", "batch", "context", f"{column} ms/step", "step/bound",
+                       title, "speed-up vs MHA"],
+                      [[r["n_kv_heads"], r["batch"], r["context"],
+                        fmt_stats(*r[f"{name}_step_ms"]),
+                        fmt(r[f"{name}_step_ms"][0] / r["bound_ms"]), fmt(r[speedup]),
+                        fmt(r[f"{name}_vs_mha"])] for r in rows])])
     kv_rows = [[g, f"{b:,}", fmt(b / kv[0][1])] for g, b in kv]
     return "\n\n".join([
         "### Decoding against the memory-bandwidth bound",

@@ -230,7 +230,7 @@ def logsumexp_rows(x: Tensor) -> Tensor:
     ~220 (Zen 5, 2 threads, ad hoc). Otherwise, or without the library, torch's."""
     if not (_plain(x) and x.dim() == 2 and x.is_contiguous() and x.shape[1] > 0
             and not (torch.is_grad_enabled() and x.requires_grad) and not _transformed()
-            and _on() and _setting() != "0" and _library() is not None):
+            and available()):
         return x.logsumexp(-1)
     out = x.new_empty(x.shape[0])
     _library().qkv_logsumexp_rows(x.data_ptr(), x.shape[0], x.shape[1], out.data_ptr(),

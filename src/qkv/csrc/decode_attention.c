@@ -216,6 +216,24 @@ static inline __attribute__((always_inline)) void scores(
     }
 }
 
+/* The largest of x[0..n), 8 lanes at a time; NaN if any is NaN; -inf if n == 0. */
+static float max_or_nan(const float *x, int n) {
+    typedef int32_t i8 __attribute__((vector_size(32)));
+    v8 mv = splat(-INFINITY);
+    i8 nan = {0};
+    int t = 0;
+    for (; t + 8 <= n; t += 8) {
+        v8 v = load8(x + t);
+        nan |= v != v;
+        mv = max8(v, mv);
+    }
+    float m = -INFINITY;
+    int isnan = 0;
+    for (int j = 0; j < 8; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
+    for (; t < n; t++) { m = x[t] > m ? x[t] : m; isnan |= x[t] != x[t]; }
+    return isnan ? NAN : m;
+}
+
 /* p[t] <- e^(p[t] - max) for allowed keys, 0 for the others; *max <- the max; returns the
    sum. As PyTorch's SDPA on the CPU treats a row: no key allowed, or every allowed score
    -inf, gives 0 (max -inf; the caller writes zeros); a NaN or +inf score gives NaN. */
@@ -226,20 +244,7 @@ static float softmax_numerator(float *p, const uint8_t *keep, int S, float *max)
             allowed |= keep[t];
             p[t] = keep[t] ? p[t] : -INFINITY;
         }
-    typedef int32_t i8 __attribute__((vector_size(32)));
-    v8 mv = splat(-INFINITY);
-    i8 nan = {0};
-    int t = 0;
-    for (; t + 8 <= S; t += 8) {
-        v8 x = load8(p + t);
-        nan |= x != x;
-        mv = max8(x, mv);
-    }
-    float m = -INFINITY;
-    int isnan = 0;
-    for (int j = 0; j < 8; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
-    for (; t < S; t++) { m = p[t] > m ? p[t] : m; isnan |= p[t] != p[t]; }
-    if (isnan) m = NAN;
+    float m = max_or_nan(p, S);
     if (!allowed || m == -INFINITY) {
         *max = -INFINITY;
         return 0.f;
@@ -419,21 +424,9 @@ void qkv_logsumexp_rows(const float *x, long N, int V, float *out, int threads)
     #pragma omp parallel for num_threads(threads) schedule(static) if (N > 1)
     for (long n = 0; n < N; n++) {
         const float *r = x + n * V;
-        typedef int32_t i8 __attribute__((vector_size(32)));
-        v8 mv = splat(-INFINITY);
-        i8 nan = {0};
-        int t = 0;
-        for (; t + 8 <= V; t += 8) {
-            v8 v = load8(r + t);
-            nan |= v != v;
-            mv = max8(v, mv);
-        }
-        float m = -INFINITY;
-        int isnan = 0;
-        for (int j = 0; j < 8; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
-        for (; t < V; t++) { m = r[t] > m ? r[t] : m; isnan |= r[t] != r[t]; }
-        if (isnan || m == INFINITY || m == -INFINITY) {
-            out[n] = isnan ? NAN : m;
+        float m = max_or_nan(r, V);
+        if (m != m || m == INFINITY || m == -INFINITY) {
+            out[n] = m;
             continue;
         }
         out[n] = m + logf(exp_sum(r, NULL, V, m));
