@@ -276,12 +276,13 @@ def test_packed_linear_equals_f_linear(rows, bias):
 
 @pytest.mark.skipif(not kernel.skinny_max_rows(), reason="the compiled kernels are unavailable")
 @pytest.mark.parametrize("shape", [(512, 256), (1000, 1024), (40, 512), (8, 4096), (100, 200),
-                                   (200, 129), (130, 127)])
+                                   (200, 129), (130, 127), (1400, 12)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_blocked_linear_equals_f_linear_at_every_row_count(shape, bias, monkeypatch):
     """1 to skinny_max_rows() rows (several chunks of 16 from 17 rows on), with output
     widths that leave a padded last block (1000, 40, 8, 100, 130 are not multiples of 16),
-    a width of 1024 (rows 4 KB apart), odd widths (the loop's tail over K) and inputs that
+    a width of 1024 (rows 4 KB apart), odd widths (the loop's tail over K), an input width of 12
+    (less than one 16 x 16 block of the transposed input) and inputs that
     are 3-D or not contiguous."""
     monkeypatch.setattr(QL, "BLOCKED_MIN_ROWS", 1)  # the kernel takes 1 row too
     N, K = shape
