@@ -133,13 +133,24 @@ static inline float exp_sum(const float *x, float *out, int n, float m) {
     return sum;
 }
 
-/* Prefetch keys [a, b) of the tile at k (stride ks) into L2. With several blocks of rows the
-   first block's pass over a tile reads it from memory and the others from L1; fetching the
-   next tile meanwhile overlapped the two (MQA's 9 rows: 1.3x faster on the Zen 4). With one
-   block there is nothing to overlap, and it cost time. */
+/* Prefetch keys [a, b) of the tile at k (stride ks). With several blocks of rows the first
+   block's pass over a tile reads it from memory and the others from L1; fetching the next
+   tile meanwhile overlapped the two (MQA's 9 rows: 1.3x faster on the Zen 4). With one
+   block there is nothing to overlap, and it cost time. Into every cache level (locality 3),
+   not into L2 only: see prefetch_spread. */
 static inline void prefetch_keys(const float *k, long ks, int D, int a, int b) {
     for (int t = a; t < b; t++)
-        for (int d = 0; d < D; d += 16) __builtin_prefetch(k + t * ks + d, 0, 1);
+        for (int d = 0; d < D; d += 16) __builtin_prefetch(k + t * ks + d, 0, 3);
+}
+
+/* The next tile's keys [*pos, *pos + step) in 1/65536ths of a key, *pos moved on: spreads
+   its prefetch over this tile's iterations without two divisions in each. With locality 3,
+   MQA's attention on the Zen 5 was 1.07-1.2x faster (ad hoc, docs/benchmarks.md, session 13). */
+static inline void prefetch_spread(const float *k, long ks, int D, unsigned *pos,
+                                   unsigned step) {
+    unsigned a = *pos >> 16;
+    *pos += step;
+    prefetch_keys(k, ks, D, (int)a, (int)(*pos >> 16));
 }
 
 /* p[r][t] = q[r] . k[t] for the R rows (q already scaled by 1/sqrt(D)) and t in [t0, t1),
@@ -151,12 +162,12 @@ static inline __attribute__((always_inline)) void scores(
     const int C = D / 8;
     int r = 0;
     const int nk = S - t1 < t1 - t0 ? S - t1 : t1 - t0, iters = (R / NB) * ((t1 - t0) / 8) + 1;
-    int it = 0;
+    unsigned pos = 0, step = ((unsigned)nk << 16) / (unsigned)iters;
     for (; NB > 1 && r + NB <= R; r += NB) {  /* NB rows at once: a key vector serves all */
         int t = t0;
-        for (; t + 8 <= t1; t += 8, it++) {
+        for (; t + 8 <= t1; t += 8) {
             if (R >= 2 * NB)  /* the next tile, spread over this one's iterations */
-                prefetch_keys(k + t1 * ks, ks, D, it * nk / iters, (it + 1) * nk / iters);
+                prefetch_spread(k + t1 * ks, ks, D, &pos, step);
             const float *kt = k + t * ks;
 #if WIDE
             if (D % 16 == 0) {
@@ -266,15 +277,15 @@ static inline __attribute__((always_inline)) void mix(
     const int C = D / 8;
     int r = 0;
     const int nk = S - t1 < t1 - t0 ? S - t1 : t1 - t0, iters = (R / NB) * (t1 - t0) + 1;
-    int it = 0;
+    unsigned pos = 0, step = ((unsigned)nk << 16) / (unsigned)iters;
 #if WIDE
     for (; NB > 1 && r + NB <= R && D % 16 == 0 && D <= 128; r += NB) {  /* 16 lanes */
         v16 acc[NB][8];
         for (int i = 0; i < NB; i++)
             for (int c = 0; c < D / 16; c++) acc[i][c] = load16(out + (r + i) * D + 16 * c);
-        for (int t = t0; t < t1; t++, it++) {
+        for (int t = t0; t < t1; t++) {
             if (R >= 2 * NB)
-                prefetch_keys(v + t1 * vs, vs, D, it * nk / iters, (it + 1) * nk / iters);
+                prefetch_spread(v + t1 * vs, vs, D, &pos, step);
             v16 w[NB];
             for (int i = 0; i < NB; i++) {
                 float pi = p[(long)(r + i) * S + t];
@@ -293,9 +304,9 @@ static inline __attribute__((always_inline)) void mix(
         v8 acc[NB][8];
         for (int i = 0; i < NB; i++)
             for (int c = 0; c < C; c++) acc[i][c] = load8(out + (r + i) * D + 8 * c);
-        for (int t = t0; t < t1; t++, it++) {
+        for (int t = t0; t < t1; t++) {
             if (R >= 2 * NB)
-                prefetch_keys(v + t1 * vs, vs, D, it * nk / iters, (it + 1) * nk / iters);
+                prefetch_spread(v + t1 * vs, vs, D, &pos, step);
             v8 w[NB];
             for (int i = 0; i < NB; i++) w[i] = splat(p[(long)(r + i) * S + t]);
             for (int c = 0; c < C; c++) {
