@@ -144,8 +144,10 @@ static inline void prefetch_keys(const float *k, long ks, int D, int a, int b) {
 }
 
 /* The next tile's keys [*pos, *pos + step) in 1/65536ths of a key, *pos moved on: spreads
-   its prefetch over this tile's iterations without two divisions in each. With locality 3,
-   MQA's attention on the Zen 5 was 1.07-1.2x faster (ad hoc, docs/benchmarks.md, session 13). */
+   its prefetch over this tile's iterations without two integer divisions in each (the
+   profile showed them). With locality 3 as well, MQA's decode step on the Zen 5 was 1.07x
+   faster when the host's memory read 75 GB/s and 1.03x at 50 GB/s (ad hoc, interleaved;
+   docs/benchmarks.md, session 13). */
 static inline void prefetch_spread(const float *k, long ks, int D, unsigned *pos,
                                    unsigned step) {
     unsigned a = *pos >> 16;
