@@ -61,6 +61,8 @@ SHAPES = [  # (B, H, G, T, S, D): tails of 8-key blocks and 64-key tiles, every 
     (2, 5, 1, 1, 77, 64),  # 5 rows: a block of 3 (on AVX-512) and 2 left over
     (2, 8, 1, 1, 150, 32),  # 8 rows: 2 blocks, the next tile prefetched, 2 left over
     (1, 8, 1, 2, 70, 128),  # 16 rows of D 128: blocked scores, value sums row by row
+    (1, 4, 4, 1, 70, 128),  # one row of D 128: the widest one-row path at 16 lanes
+    (2, 3, 3, 1, 50, 24),  # one row of D 24: the one-row path at 8 lanes
 ]
 
 

@@ -210,6 +210,32 @@ static inline __attribute__((always_inline)) void scores(
                 p[(long)(r + i) * S + t] = sum8(a);
             }
     }
+#if WIDE
+    /* One row (MHA) at 16 lanes: half the loads and multiply-adds of the 8-lane loop below.
+       Not faster in a loop over keys in L1, but MHA's attention read its cache 1.075x faster
+       when the host's memory read 77 GB/s (a tie at 49 GB/s; ad hoc, docs/benchmarks.md,
+       session 13): fewer instructions between the loads. */
+    if (D % 16 == 0 && D <= 128)
+        for (; r < R; r++) {
+            v16 qr[8];
+            for (int c = 0; c < D / 16; c++) qr[c] = load16(q + r * D + 16 * c);
+            int t = t0;
+            for (; t + 8 <= t1; t += 8) {
+                v16 a[8] = {{0}};
+                const float *kt = k + t * ks;
+                for (int c = 0; c < D / 16; c++)
+                    for (int j = 0; j < 8; j++) a[j] += qr[c] * load16(kt + j * ks + 16 * c);
+                store8(p + (long)r * S + t, sums8(fold16(a[0]), fold16(a[1]), fold16(a[2]),
+                                                  fold16(a[3]), fold16(a[4]), fold16(a[5]),
+                                                  fold16(a[6]), fold16(a[7])));
+            }
+            for (; t < t1; t++) {
+                v16 a = {0};
+                for (int c = 0; c < D / 16; c++) a += qr[c] * load16(k + t * ks + 16 * c);
+                p[(long)r * S + t] = sum8(fold16(a));
+            }
+        }
+#endif
     for (; r < R; r++) {
         v8 qr[C];
         for (int c = 0; c < C; c++) qr[c] = load8(q + r * D + 8 * c);
@@ -319,6 +345,19 @@ static inline __attribute__((always_inline)) void mix(
         for (int i = 0; i < NB; i++)
             for (int c = 0; c < C; c++) store8(out + (r + i) * D + 8 * c, acc[i][c]);
     }
+#if WIDE
+    if (D % 16 == 0 && D <= 128)  /* one row at 16 lanes: see `scores` */
+        for (; r < R; r++) {
+            v16 acc[8];
+            for (int c = 0; c < D / 16; c++) acc[c] = load16(out + r * D + 16 * c);
+            for (int t = t0; t < t1; t++) {
+                float pt = p[(long)r * S + t];
+                v16 w = (v16){pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt};
+                for (int c = 0; c < D / 16; c++) acc[c] += w * load16(v + t * vs + 16 * c);
+            }
+            for (int c = 0; c < D / 16; c++) store16(out + r * D + 16 * c, acc[c]);
+        }
+#endif
     for (; r < R; r++) {
         v8 acc[C];
         for (int c = 0; c < C; c++) acc[c] = load8(out + r * D + 8 * c);
