@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -146,3 +147,37 @@ def test_skinny_linear_quick_times_every_product(weights, tmp_path):
                               "qkv.linear, oneDNN only", "oneDNN packed",
                               "qkv.linear"}
     assert f"Skinny linears ({weights})" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_decode_phases_quick_splits_rounds_by_the_probe(tmp_path):
+    """decode_phases.py: every round has the probe and each model; the phases partition them."""
+    import subprocess
+
+    def run(split):
+        done = subprocess.run([sys.executable, str(BENCH / "decode_phases.py"), "--quick",
+                               "--threads", "1", "--split", str(split), "--out", str(tmp_path)],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        return json.loads((tmp_path / "decode_phases.json").read_text())
+
+    data = run(1e-9)  # every probe is faster than this: all rounds fast
+    assert len(data["rounds"]) == 4 and set(data["phases"]) == {"fast"}
+    for r in data["rounds"]:
+        assert set(r) == {"probe_gbs", "4", "2", "1"} and r["probe_gbs"] > 0
+    fast = {s["n_kv_heads"]: s for s in data["phases"]["fast"]}
+    assert fast[4]["vs_mha"] == 1 and all(s["rounds"] == 4 for s in fast.values())
+    assert fast[1]["step_ms"] == pytest.approx(statistics.median(r["1"] for r in data["rounds"]))
+    assert set(run(1e9)["phases"]) == {"slow"}  # and none this fast
+    md = (tmp_path / "decode_phases.md").read_text()
+    assert "| slow | 4 |" in md and "Command: `python benchmarks/decode_phases.py" in md
+
+
+def test_decode_phases_rejects_bad_options(tmp_path):
+    import subprocess
+
+    for bad, message in ((["--rounds", "0"], "--rounds must be >= 1, got 0"),
+                         (["--split", "-1"], "--split must be a positive GB/s, got -1"),
+                         (["--context", "5000"], "exceeds the models' max_seq_len")):
+        done = subprocess.run([sys.executable, str(BENCH / "decode_phases.py"), *bad,
+                               "--out", str(tmp_path)], capture_output=True, text=True)
+        assert done.returncode == 2 and message in done.stderr, done.stderr

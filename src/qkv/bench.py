@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "machine": "machine.py",
     "table2": "table2.py",
     "decode": "decode_bound.py",
+    "phases": "decode_phases.py",
     "hf": "hf.py",
     "train": "train_throughput.py",
 }
