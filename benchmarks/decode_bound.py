@@ -142,7 +142,8 @@ def plot(rows: list[dict], path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
+def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str,
+             probe_mib: int) -> str:
     body = [[r["n_kv_heads"], r["batch"], r["context"], fmt_stats(*r["step_ms"]),
              fmt(r["bandwidth_gbs"][0]), fmt(r["bound_ms"]), fmt(r["step_ms"][0] / r["bound_ms"]),
              fmt(r["batch"] / r["step_ms"][0] * 1e3), fmt(r["vs_mha"])] for r in rows]
@@ -163,7 +164,7 @@ def markdown(rows, info, steps, repeats, layers, head_dim, dtype: str) -> str:
         "### Decoding against the memory-bandwidth bound",
         context_line(info, command_line()),
         "For each batch and context the three kv-head variants and a bandwidth probe (sum "
-        "of a 512 MiB float32 tensor, read once) run interleaved; bound = (weight bytes + "
+        f"of a {probe_mib} MiB float32 tensor, read once) run interleaved; bound = (weight bytes + "
         "KV bytes read per step) / the probe's median GB/s from the same interleaved run. "
         f"Each figure: {steps} decode steps per call, median (min-max) of {repeats} after "
         f"one warm-up; {dtype} weights and KV cache; {rows[0]['params']:,} parameters "
@@ -205,7 +206,8 @@ def main() -> None:
     name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
     plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg
-    md = markdown(rows, info, steps, repeats, base["n_layers"], cfg.head_dim, args.dtype)
+    md = markdown(rows, info, steps, repeats, base["n_layers"], cfg.head_dim, args.dtype,
+                  probe.numel() * 4 // 2**20)
     md += f"\n\n![decode step time vs the bandwidth bound]({name}.png)"
     write(out, name, md, {"machine": info, "dtype": args.dtype, "rows": rows})
 

@@ -12,6 +12,7 @@ taken round by round.
 
 from __future__ import annotations
 
+import math
 import statistics
 
 import torch
@@ -80,7 +81,8 @@ def markdown(phases: dict[str, list[dict]], info: dict, args, steps: int) -> str
     return "\n\n".join([
         f"### Decode steps by memory phase: batch {args.batch}, context {args.context}",
         context_line(info, command_line()),
-        f"{args.rounds} rounds; each times the probe (sum of a 512 MiB float32 tensor), then "
+        f"{args.rounds} rounds; each times the probe (sum of a {args.probe_mib} MiB float32 "
+        "tensor), then "
         f"{steps} decode steps of every model (the order alternating), float32. Rounds with "
         f"the probe above {args.split:g} GB/s are \"fast\", the others \"slow\". Medians over "
         "a phase's rounds; step/bound divides each step by the bound from its own round's "
@@ -99,22 +101,24 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--context", type=int, default=2048)
     args = p.parse_args()
+    for name in ("rounds", "repeats", "batch", "context"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name} must be >= 1, got {value}")
+    if not (math.isfinite(args.split) and args.split > 0):
+        p.error(f"--split must be a positive, finite GB/s, got {args.split}")
     if args.rounds is None:  # qkv bench passes --repeats to every script
         args.rounds = 60 if args.repeats is None else args.repeats
-    for name in ("rounds", "batch", "context"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if args.split <= 0:
-        p.error(f"--split must be a positive GB/s, got {args.split}")
-    out = setup(args)
-    info = machine_info()
     base, steps = (QUICK, 2) if args.quick else (SMOLLM2, 2)
-    if args.quick:
+    if args.quick:  # tiny sizes, whatever was asked
         args.batch, args.context, args.rounds = 2, 16, min(args.rounds, 4)
     if args.context + steps > base["max_seq_len"]:
         p.error(f"--context {args.context} + {steps} steps exceeds the models' max_seq_len "
                 f"{base['max_seq_len']}")
-    probe = torch.rand((8 if args.quick else 512) * 2**20 // 4)
+    out = setup(args)
+    info = machine_info()
+    args.probe_mib = 8 if args.quick else 512  # --quick's probe fits in cache: not memory
+    probe = torch.rand(args.probe_mib * 2**20 // 4)
     models = {g: DecoderLM(ModelConfig(**{**base, "n_kv_heads": g})).eval()
               for g in (base["n_heads"], base["n_kv_heads"], 1)}
     data = rounds(models, args.batch, args.context, steps, args.rounds, probe)

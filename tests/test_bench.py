@@ -176,8 +176,35 @@ def test_decode_phases_rejects_bad_options(tmp_path):
     import subprocess
 
     for bad, message in ((["--rounds", "0"], "--rounds must be >= 1, got 0"),
-                         (["--split", "-1"], "--split must be a positive GB/s, got -1"),
+                         (["--repeats", "0"], "--repeats must be >= 1, got 0"),
+                         (["--split", "-1"], "--split must be a positive, finite GB/s, got -1"),
+                         (["--split", "nan"], "--split must be a positive, finite GB/s, got nan"),
                          (["--context", "5000"], "exceeds the models' max_seq_len")):
         done = subprocess.run([sys.executable, str(BENCH / "decode_phases.py"), *bad,
                                "--out", str(tmp_path)], capture_output=True, text=True)
         assert done.returncode == 2 and message in done.stderr, done.stderr
+
+
+def test_decode_phases_summary_takes_ratios_round_by_round(monkeypatch):
+    """summary(): medians per model, each step over its own round's bound, MHA's step over
+    this model's in the same round (an inverted ratio would fail), bound = bytes / GB/s."""
+    from qkv import DecoderLM, ModelConfig
+
+    monkeypatch.syspath_prepend(str(BENCH))
+    import decode_phases
+    from decode_bound import QUICK
+
+    models = {g: DecoderLM(ModelConfig(**{**QUICK, "n_kv_heads": g})).eval() for g in (4, 1)}
+    rows = [{"probe_gbs": 10.0, "4": 8.0, "1": 2.0}, {"probe_gbs": 20.0, "4": 6.0, "1": 3.0},
+            {"probe_gbs": 30.0, "4": 9.0, "1": 1.0}]
+    out = {s["n_kv_heads"]: s for s in decode_phases.summary(rows, models, 2, 16, 2)}
+    assert out[1]["vs_mha"] == 4.0 and out[4]["vs_mha"] == 1.0  # median of 8/2, 6/3, 9/1
+    assert (out[1]["step_ms"], out[1]["min_ms"], out[1]["max_ms"]) == (2.0, 1.0, 3.0)
+    assert out[1]["probe_gbs"] == 20.0 and out[1]["rounds"] == 3
+    cfg = models[1].cfg
+    weights = sum(p.numel() * 4 for p in models[1].parameters())
+    kv_per_token = 2 * cfg.n_decoder_layers * 1 * cfg.head_dim * 4
+    bound = [(weights + 2 * 17 * kv_per_token) / r["probe_gbs"] / 1e6 for r in rows]
+    assert decode_phases.bound_ms(models[1], 2, 16, 2, 10.0) == pytest.approx(bound[0])
+    assert out[1]["step_over_bound"] == pytest.approx(
+        statistics.median(r["1"] / b for r, b in zip(rows, bound, strict=True)))

@@ -31,11 +31,12 @@ static inline void store8(float *p, v8 x) { __builtin_memcpy(p, &x, 32); }
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 
 #if defined(__AVX512F__)
-/* AVX-512's full width for the several-rows paths (D a multiple of 16): half the loads and
-   multiply-adds of 8-lane vectors. */
+/* AVX-512's full width for the several-rows and one-row paths (D a multiple of 16): half
+   the loads and multiply-adds of 8-lane vectors. */
 typedef float v16 __attribute__((vector_size(64)));
 static inline v16 load16(const float *p) { v16 x; __builtin_memcpy(&x, p, 64); return x; }
 static inline void store16(float *p, v16 x) { __builtin_memcpy(p, &x, 64); }
+static inline v16 splat16(float x) { return x - (v16){0}; }
 static inline v8 fold16(v16 x) {  /* lane j: x[j] + x[j + 8] */
     return __builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7)
          + __builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -316,8 +317,7 @@ static inline __attribute__((always_inline)) void mix(
                 prefetch_spread(v + t1 * vs, vs, D, &pos, step);
             v16 w[NB];
             for (int i = 0; i < NB; i++) {
-                float pi = p[(long)(r + i) * S + t];
-                w[i] = (v16){pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi, pi};
+                w[i] = splat16(p[(long)(r + i) * S + t]);
             }
             for (int c = 0; c < D / 16; c++) {
                 v16 vc = load16(v + t * vs + 16 * c);
@@ -351,8 +351,7 @@ static inline __attribute__((always_inline)) void mix(
             v16 acc[8];
             for (int c = 0; c < D / 16; c++) acc[c] = load16(out + r * D + 16 * c);
             for (int t = t0; t < t1; t++) {
-                float pt = p[(long)r * S + t];
-                v16 w = (v16){pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt, pt};
+                v16 w = splat16(p[(long)r * S + t]);
                 for (int c = 0; c < D / 16; c++) acc[c] += w * load16(v + t * vs + 16 * c);
             }
             for (int c = 0; c < D / 16; c++) store16(out + r * D + 16 * c, acc[c]);
