@@ -65,17 +65,6 @@ static inline v8 sums8(v8 a0, v8 a1, v8 a2, v8 a3, v8 a4, v8 a5, v8 a6, v8 a7) {
          + __builtin_shufflevector(y0, y1, 4, 5, 6, 7, 12, 13, 14, 15);
 }
 
-static inline v8 max8(v8 a, v8 b) {  /* lane-wise a > b ? a : b */
-    typedef int32_t i8 __attribute__((vector_size(32)));
-    i8 pick = a > b, ia, ib, r;
-    __builtin_memcpy(&ia, &a, 32);
-    __builtin_memcpy(&ib, &b, 32);
-    r = (pick & ia) | (~pick & ib);
-    v8 out;
-    __builtin_memcpy(&out, &r, 32);
-    return out;
-}
-
 /* Vectors for e^x: AVX-512's 16 lanes where there are, else 8. */
 #if WIDE
 typedef v16 vexp;
@@ -256,20 +245,25 @@ static inline __attribute__((always_inline)) void scores(
     }
 }
 
-/* The largest of x[0..n), 8 lanes at a time; NaN if any is NaN; -inf if n == 0. */
+/* The largest of x[0..n), EL lanes at a time, like e^x (16 with AVX-512: the softmax of
+   MQA's 9 rows, computed alone, 1.15-1.19x faster than with 8; ad hoc, session 13); NaN if
+   any is NaN; -inf if n == 0. */
 static float max_or_nan(const float *x, int n) {
-    typedef int32_t i8 __attribute__((vector_size(32)));
-    v8 mv = splat(-INFINITY);
-    i8 nan = {0};
+    vexp mv = (vexp){0} - INFINITY;
+    iexp nan = {0};
     int t = 0;
-    for (; t + 8 <= n; t += 8) {
-        v8 v = load8(x + t);
+    for (; t + EL <= n; t += EL) {
+        vexp v = loade(x + t);
+        iexp bigger = v > mv, iv, im;
         nan |= v != v;
-        mv = max8(v, mv);
+        __builtin_memcpy(&iv, &v, sizeof v);
+        __builtin_memcpy(&im, &mv, sizeof v);
+        im = (bigger & iv) | (~bigger & im);  /* lane-wise v > mv ? v : mv */
+        __builtin_memcpy(&mv, &im, sizeof v);
     }
     float m = -INFINITY;
     int isnan = 0;
-    for (int j = 0; j < 8; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
+    for (int j = 0; j < EL; j++) { m = mv[j] > m ? mv[j] : m; isnan |= nan[j]; }
     for (; t < n; t++) { m = x[t] > m ? x[t] : m; isnan |= x[t] != x[t]; }
     return isnan ? NAN : m;
 }
