@@ -64,6 +64,15 @@ def weight_bytes(model: DecoderLM) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
+def bytes_read(model: DecoderLM, batch: int, context: int, steps: int,
+               dtype: torch.dtype) -> float:
+    """Bytes a step reads, on average over `steps` steps from `context` cached tokens:
+    every weight and the KV cache (of `dtype`) of `batch` sequences, once."""
+    cfg = model.cfg
+    kv = KVCache.bytes_per_token(cfg.n_decoder_layers, cfg.n_kv_heads, cfg.head_dim, dtype)
+    return weight_bytes(model) + batch * (context + steps / 2) * kv
+
+
 # The comparison runs (--compare-kernel, --compare-packed, --compare-blocked): each step
 # again with one of qkv's paths switched off. name -> (the switch, the JSON key of qkv's
 # speed-up over that run, the table's column for that run, its column for the speed-up,
@@ -108,7 +117,7 @@ def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: i
         cfg = models[g].cfg
         kv_tok = KVCache.bytes_per_token(cfg.n_decoder_layers, g, cfg.head_dim,
                                          caches[g].dtype)
-        moved = weight_bytes(models[g]) + batch * (context + steps / 2) * kv_tok
+        moved = bytes_read(models[g], batch, context, steps, caches[g].dtype)
         rows.append(dict(n_kv_heads=g, batch=batch, context=context,
                          step_ms=s.scaled(1e3 / steps), bandwidth_gbs=bw,
                          bound_ms=moved / bw[0] / 1e6, weight_bytes=weight_bytes(models[g]),

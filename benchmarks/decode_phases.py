@@ -27,9 +27,9 @@ from common import (
     timed,
     write,
 )
-from decode_bound import QUICK, SMOLLM2, filled_cache, step_fn, weight_bytes
+from decode_bound import QUICK, SMOLLM2, bytes_read, filled_cache, step_fn
 
-from qkv import DecoderLM, KVCache, ModelConfig
+from qkv import DecoderLM, ModelConfig
 
 
 def rounds(models: dict[int, DecoderLM], batch: int, context: int, steps: int, n: int,
@@ -51,10 +51,7 @@ def rounds(models: dict[int, DecoderLM], batch: int, context: int, steps: int, n
 
 def bound_ms(model: DecoderLM, batch: int, context: int, steps: int, gbs: float) -> float:
     """(weight bytes + KV bytes read per step) / bandwidth, as in decode_bound.py."""
-    cfg = model.cfg
-    kv = KVCache.bytes_per_token(cfg.n_decoder_layers, cfg.n_kv_heads, cfg.head_dim,
-                                 torch.float32)
-    return (weight_bytes(model) + batch * (context + steps / 2) * kv) / gbs / 1e6
+    return bytes_read(model, batch, context, steps, torch.float32) / gbs / 1e6
 
 
 def summary(rows: list[dict], models: dict[int, DecoderLM], batch: int, context: int,
@@ -109,7 +106,7 @@ def main() -> None:
         p.error(f"--split must be a positive, finite GB/s, got {args.split}")
     if args.rounds is None:  # qkv bench passes --repeats to every script
         args.rounds = 60 if args.repeats is None else args.repeats
-    base, steps = (QUICK, 2) if args.quick else (SMOLLM2, 2)
+    base, steps = QUICK if args.quick else SMOLLM2, 2
     if args.quick:  # tiny sizes, whatever was asked
         args.batch, args.context, args.rounds = 2, 16, min(args.rounds, 4)
     if args.context + steps > base["max_seq_len"]:

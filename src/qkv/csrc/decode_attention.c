@@ -310,9 +310,7 @@ static inline __attribute__((always_inline)) void mix(
             if (R >= 2 * NB)
                 prefetch_spread(v + t1 * vs, vs, D, &pos, step);
             v16 w[NB];
-            for (int i = 0; i < NB; i++) {
-                w[i] = splat16(p[(long)(r + i) * S + t]);
-            }
+            for (int i = 0; i < NB; i++) w[i] = splat16(p[(long)(r + i) * S + t]);
             for (int c = 0; c < D / 16; c++) {
                 v16 vc = load16(v + t * vs + 16 * c);
                 for (int i = 0; i < NB; i++) acc[i][c] += w[i] * vc;
