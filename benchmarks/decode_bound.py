@@ -3,7 +3,8 @@
 One decode step reads every weight once and the whole KV cache once, so it cannot be
 faster than (weight bytes + KV bytes) / bandwidth. With --compare-kernel each step also
 runs without qkv's compiled decode attention (qkv/kernel.py), i.e. through PyTorch's SDPA
-as before it existed, interleaved. Random weights; the cache is filled
+as before it existed, interleaved; with --compare-fused through the modules instead of
+qkv/fused.py's one compiled call for all layers. Random weights; the cache is filled
 with random keys and values up to the context length (a prefill of 2,048 tokens x 16
 sequences would cost minutes and does not change the step being timed).
 """
@@ -26,7 +27,7 @@ from common import (
     write,
 )
 
-from qkv import DecoderLM, KVCache, ModelConfig, count_parameters, kernel
+from qkv import DecoderLM, KVCache, ModelConfig, count_parameters, fused, kernel
 from qkv.linear import packing_disabled
 
 SMOLLM2 = dict(
@@ -73,7 +74,8 @@ def bytes_read(model: DecoderLM, batch: int, context: int, steps: int,
     return weight_bytes(model) + batch * (context + steps / 2) * kv
 
 
-# The comparison runs (--compare-kernel, --compare-packed, --compare-blocked): each step
+# The comparison runs (--compare-kernel, --compare-packed, --compare-blocked,
+# --compare-fused): each step
 # again with one of qkv's paths switched off. name -> (the switch, the JSON key of qkv's
 # speed-up over that run, the table's column for that run, its column for the speed-up,
 # the table's introduction).
@@ -89,20 +91,25 @@ VARIANTS = {
                "The same steps with oneDNN's packed product instead of the compiled skinny "
                "one for 2-64 rows (`linear.packing_disabled(\"blocked\")`: qkv's linear "
                "layers as in session 11)"),
+    "modules": (fused.disabled, "fused_speedup", "modules", "fused speed-up",
+                "The same steps through the modules, one operator call at a time "
+                "(`fused.disabled()`: qkv's decode steps as in session 13)"),
 }
 
 
 def bench_point(models: dict[int, DecoderLM], batch: int, context: int, steps: int,
                 repeats: int, probe: torch.Tensor, compare_kernel: bool = False,
-                compare_packed: bool = False, compare_blocked: bool = False) -> list[dict]:
+                compare_packed: bool = False, compare_blocked: bool = False,
+                compare_fused: bool = False) -> list[dict]:
     """All kv-head variants and a bandwidth probe (sum of `probe`), interleaved; with
     compare_kernel also each variant without the compiled decode attention, with
     compare_packed each without packed weights, with compare_blocked each with oneDNN's
-    packed product instead of the compiled skinny one."""
+    packed product instead of the compiled skinny one, with compare_fused each through the
+    modules instead of fused.py's one call."""
     caches = {g: filled_cache(m, batch, context, steps) for g, m in models.items()}
     fns = {g: step_fn(m, caches[g], context, steps) for g, m in models.items()}
-    for on, name in zip((compare_kernel, compare_packed, compare_blocked), VARIANTS,
-                        strict=True):
+    switches = (compare_kernel, compare_packed, compare_blocked, compare_fused)
+    for on, name in zip(switches, VARIANTS, strict=True):
         if on:
             off = VARIANTS[name][0]
             fns |= {(name, g): off()(step_fn(m, caches[g], context, steps))
@@ -196,6 +203,9 @@ def main() -> None:
     p.add_argument("--compare-blocked", action="store_true",
                    help="also time every step with oneDNN's packed product instead of the "
                         "compiled skinny one")
+    p.add_argument("--compare-fused", action="store_true",
+                   help="also time every step through the modules instead of the one "
+                        "compiled call for all layers (qkv/fused.py)")
     args = p.parse_args()
     out = setup(args)
     info = machine_info()
@@ -211,7 +221,8 @@ def main() -> None:
     for batch in batches:
         for context in contexts:
             rows += bench_point(models, batch, context, steps, repeats, probe,
-                                args.compare_kernel, args.compare_packed, args.compare_blocked)
+                                args.compare_kernel, args.compare_packed, args.compare_blocked,
+                                args.compare_fused)
     name = "decode_bound" if args.dtype == "float32" else f"decode_bound_{args.dtype}"
     plot(rows, out / f"{name}.png")
     cfg = models[heads[0]].cfg

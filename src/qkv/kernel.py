@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 SOURCES = tuple(Path(__file__).with_name("csrc") / name
-                for name in ("decode_attention.c", "skinny_linear.c"))
+                for name in ("decode_attention.c", "skinny_linear.c", "decode_layers.c"))
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=gnu11"]
 MAX_ROWS = 64  # query rows per (batch row, kv head); beyond, SDPA's products are efficient
 
@@ -127,6 +127,11 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.qkv_skinny_width.restype = lib.qkv_skinny_max_rows.restype = i
     lib.qkv_logsumexp_rows.argtypes = [p, n, i, p, i]
     lib.qkv_logsumexp_rows.restype = None
+    lib.qkv_silu_mul.argtypes = [p, p, n]
+    lib.qkv_silu_mul.restype = None
+    fn = lib.qkv_decode_layers
+    fn.argtypes = [p, i, p, i, i, i, i, i, n, n, p, p, n, p, n, ctypes.c_float, i]
+    fn.restype = i
     return lib
 
 

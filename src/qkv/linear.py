@@ -73,6 +73,7 @@ PACKED_MIN_BF16_WEIGHT = 1 << 14
 # weight -> {"onednn" or "blocked": ((data_ptr, version), packed copy)}
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _switch = threading.local()  # .off: kinds switched off by `packing_disabled()` in this thread
+_generation = 0  # moves whenever packed copies are dropped wholesale (qkv.fused keeps addresses)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -176,12 +177,16 @@ def _cached(weight: Tensor, kind: str, make) -> Tensor:
 
 def clear_packed() -> None:
     """Free every packed copy (they are made again at the next use)."""
+    global _generation
+    _generation += 1
     _packed.clear()
 
 
 def _drop_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """After any optimizer's step, forget the packed copies of the weights it updated."""
+    global _generation
     if _packed:
+        _generation += 1
         for group in optimizer.param_groups:
             for p in group["params"]:
                 _packed.pop(p, None)

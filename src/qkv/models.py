@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import fused
 from .attention import KVCache, padding_mask
 from .config import ModelConfig
 from .layers import DecoderLayer, Embeddings, EncoderLayer, RotaryEmbedding, make_norm
@@ -80,9 +81,15 @@ class Decoder(nn.Module):
             positions = _positions(tokens.shape[1], start, self.cfg.max_seq_len, tokens.device)
         x = self.embed(tokens, positions)
         tables = None if self.rope is None else self.rope.tables(positions, x.dtype)
-        for layer in self.layers:
-            x = layer(x, memory, memory_mask, mask=mask, cache=cache, positions=positions,
-                      rope_tables=tables)
+        done = None
+        if fused.applies(self, x, memory, mask, cache):  # one token: all layers in one C call
+            done = fused.decode_step(self, x, cache, tables, mask)
+        if done is not None:
+            x = done
+        else:
+            for layer in self.layers:
+                x = layer(x, memory, memory_mask, mask=mask, cache=cache, positions=positions,
+                          rope_tables=tables)
         return x if self.norm is None else self.norm(x)
 
 

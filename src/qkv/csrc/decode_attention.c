@@ -123,6 +123,30 @@ static inline float exp_sum(const float *x, float *out, int n, float m) {
     return sum;
 }
 
+/* g <- silu(g) u = g / (1 + e^-g) u, n floats: the SwiGLU of decode_layers.c with the
+   vectorised e^x, which wants x <= 0: e = e^-|g|, and silu(g) = g e / (1 + e) for g < 0.
+   A scalar loop of expf took ~1.5 ms of a batch-16 decode step of SmolLM2's shape
+   (30 layers of 16 x 1536). */
+void qkv_silu_mul(float *g, const float *u, long n)
+{
+    long i = 0;
+    for (; i + EL <= n; i += EL) {
+        vexp x = loade(g + i), minus, xe;
+        iexp bits, neg = x < 0.f, xeb;
+        __builtin_memcpy(&bits, &x, sizeof x);
+        bits |= (iexp){0} + (int32_t)0x80000000;  /* -|x| */
+        __builtin_memcpy(&minus, &bits, sizeof x);
+        vexp e = expe(minus);
+        xe = x * e;
+        __builtin_memcpy(&xeb, &xe, sizeof x);
+        __builtin_memcpy(&bits, &x, sizeof x);
+        bits = (neg & xeb) | (~neg & bits);  /* x e where x < 0, else x */
+        __builtin_memcpy(&xe, &bits, sizeof x);
+        storee(g + i, xe / (1.f + e) * loade(u + i));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.f + expf(-g[i])) * u[i];
+}
+
 /* Prefetch keys [a, b) of the tile at k (stride ks). With several blocks of rows the first
    block's pass over a tile reads it from memory and the others from L1; fetching the next
    tile meanwhile overlapped the two (MQA's 9 rows: 1.3x faster on the Zen 4). With one
