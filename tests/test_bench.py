@@ -39,8 +39,9 @@ def test_decode_quick_rows_and_plot(tmp_path):
 
 def test_decode_compares_with_and_without_the_kernel_and_packed_weights(tmp_path):
     assert main(["bench", "decode", "--quick", "--compare-kernel", "--compare-packed",
-                 "--compare-blocked", "--out", str(tmp_path)]) == 0
+                 "--compare-blocked", "--compare-fused", "--out", str(tmp_path)]) == 0
     md = (tmp_path / "decode_bound.md").read_text()
+    assert "through the modules, one operator call at a time" in md
     assert "without the compiled decode attention" in md and "without packed weights" in md
     assert "with oneDNN's packed product instead of the compiled skinny one" in md
     rows = json.loads((tmp_path / "decode_bound.json").read_text())["rows"]
@@ -48,6 +49,7 @@ def test_decode_compares_with_and_without_the_kernel_and_packed_weights(tmp_path
         assert r["kernel_speedup"] == pytest.approx(r["sdpa_step_ms"][0] / r["step_ms"][0])
         assert r["packed_speedup"] == pytest.approx(r["unpacked_step_ms"][0] / r["step_ms"][0])
         assert r["blocked_speedup"] == pytest.approx(r["onednn_step_ms"][0] / r["step_ms"][0])
+        assert r["fused_speedup"] == pytest.approx(r["modules_step_ms"][0] / r["step_ms"][0])
 
 
 def test_decode_bfloat16_halves_the_bytes(tmp_path):

@@ -204,7 +204,26 @@ def test_where_it_does_not_apply(built, calls):
     assert calls["fused"] == 2
     with torch.inference_mode():
         model.half()(tok, cache=model.make_cache(1, 4))  # not float32
+        made_here = lm()  # inference tensors: no version counter to see changes by
+        made_here(tok, cache=made_here.make_cache(1, 4))
     assert calls["fused"] == 2
+
+
+@pytest.mark.parametrize("swap", ["norm", "bias", "rope"])
+def test_modules_swapped_for_others_go_through_the_modules(built, calls, swap):
+    """The C code computes what the config builds; a module of another kind is left to itself."""
+    model = lm()
+    layer = model.decoder.layers[1]
+    if swap == "norm":
+        layer.norm3 = nn.LayerNorm(64, eps=1e-5)
+    elif swap == "bias":
+        layer.self_attn.v_proj.bias = nn.Parameter(torch.randn(32))
+    else:
+        layer.self_attn.rope = type(model.decoder.rope)(16, 64, base=500.0)
+    tok, cache = torch.tensor([[3]]), model.make_cache(1, 4)
+    with torch.inference_mode():
+        model(tok, cache=cache)
+    assert calls["fused"] == 0
 
 
 def test_observers_see_every_layer(built, calls):

@@ -25,7 +25,7 @@ BENCHMARKS: dict[str, str] = {
 WITH_DTYPE = {"decode", "hf"}  # the benchmarks that take --dtype
 # the --compare-* flags and the benchmarks that take each
 COMPARISONS = {"compare_kernel": {"decode", "hf"}, "compare_packed": {"decode", "hf"},
-               "compare_blocked": {"decode"}}
+               "compare_blocked": {"decode"}, "compare_fused": {"decode"}}
 
 
 def benchmarks_dir() -> Path:
@@ -75,6 +75,9 @@ def add_bench_arguments(parser) -> None:
     parser.add_argument("--compare-blocked", action="store_true",
                         help="decode: also time qkv with oneDNN's packed product instead of "
                              "the compiled skinny one for 2-64 rows, interleaved")
+    parser.add_argument("--compare-fused", action="store_true",
+                        help="decode: also time qkv's steps through the modules instead of "
+                             "one compiled call for all layers (qkv.fused), interleaved")
     parser.add_argument("--out", type=Path, default=None,
                         help="output directory (default docs/benchmarks)")
 

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from . import kernel, linear
-from .attention import KVCache
+from .attention import KVCache, MultiHeadAttention
+from .layers import FeedForward
 
 _switch = threading.local()  # .off: set by `disabled()` in this thread only
 
@@ -60,18 +61,32 @@ nn.modules.module.register_module_parameter_registration_hook(_registered)
 nn.modules.module.register_module_module_registration_hook(_registered)
 
 
-def _parts(decoder: nn.Module) -> tuple[list[nn.Module], list[Tensor], bool]:
-    """The layers' modules, their weights in csrc/decode_layers.c's slot order and whether
-    any layer has cross-attention: looked up through the modules (~0.3 ms for 30 layers)
-    only after a parameter or module was assigned somewhere."""
+def _parts(decoder: nn.Module) -> tuple[list[nn.Module], list[Tensor] | None]:
+    """The layers' modules, and their weights in csrc/decode_layers.c's slot order (None if
+    a layer is not what the C code computes): looked up through the modules (~0.3 ms for
+    30 layers) only after a parameter or module was assigned somewhere."""
     kept = decoder.__dict__.get("_fused_parts")
     if kept is None or kept[0] != _structure:
         layers = list(decoder.layers)
-        kept = (_structure, list(decoder.layers.modules()),
-                [w for layer in layers for w in _layer_tensors(layer)],
-                any(layer.cross_attn is not None for layer in layers))
-        decoder._fused_parts = kept
+        fits = all(_layer_fits(layer, decoder) for layer in layers)
+        weights = [w for layer in layers for w in _layer_tensors(layer)] if fits else None
+        kept = decoder._fused_parts = (_structure, list(decoder.layers.modules()), weights)
     return kept[1:]
+
+
+def _layer_fits(layer: nn.Module, decoder: nn.Module) -> bool:
+    """The modules Decoder builds for such a config, of the same kinds: a norm swapped for
+    another, a bias added or another RoPE would be computed wrongly in C."""
+    cfg, a, ff = decoder.cfg, layer.self_attn, layer.ff
+    if (layer.cross_attn is not None or not layer.pre or not isinstance(a, MultiHeadAttention)
+            or a.rope is not decoder.rope or (a.n_heads, a.n_kv_heads) != (cfg.n_heads,
+                                                                          cfg.n_kv_heads)
+            or not isinstance(ff, FeedForward) or ff.gate is None):
+        return False
+    linears = (a.q_proj, a.k_proj, a.v_proj, a.out_proj, ff.gate, ff.fc1, ff.fc2)
+    return (all(type(n) is nn.RMSNorm and n.weight is not None and n.eps == cfg.norm_eps
+                for n in (layer.norm1, layer.norm3))
+            and all(isinstance(m, nn.Linear) and m.bias is None for m in linears))
 
 
 def _observed(modules: list[nn.Module]) -> bool:
@@ -90,7 +105,7 @@ def applies(decoder: nn.Module, x: Tensor, memory: Tensor | None, mask: Tensor |
             or decoder.training or torch.is_grad_enabled() or x.dim() != 3 or x.shape[1] != 1
             or not _shape_fits(decoder.cfg)):
         return False
-    modules, _, cross = _parts(decoder)
+    modules, weights = _parts(decoder)
     B, L, start = x.shape[0], len(decoder.layers), cache.length
     if (not kernel._plain(x) or cache.dtype != torch.float32 or cache.batch_size != B
             or len(cache.lengths) != L or cache.lengths.count(start) != L
@@ -102,7 +117,7 @@ def applies(decoder: nn.Module, x: Tensor, memory: Tensor | None, mask: Tensor |
                              or kernel._key_mask(mask, B) is None):
         return False
     if ("blocked" in linear._packing_off() or linear._transformed()
-            or torch.is_autocast_enabled("cpu") or cross or _observed(modules)):
+            or torch.is_autocast_enabled("cpu") or weights is None or _observed(modules)):
         return False
     return kernel.available() and kernel.skinny_max_rows() >= B
 
@@ -117,7 +132,7 @@ def _layer_tensors(layer: nn.Module) -> list[Tensor]:
 def _table(decoder: nn.Module, cache: KVCache) -> Tensor | None:
     """(L, 11) int64 addresses: per layer its norm weights, packed products and K/V caches.
     Kept while the weights, their packed copies and the cache's buffers stay the same;
-    None when a weight cannot be used (not float32, an inference tensor, a bad norm)."""
+    None when a weight cannot be used (not float32, an inference tensor)."""
     weights = _parts(decoder)[1]
     try:
         key = (linear._generation, tuple((w.data_ptr(), w._version) for w in weights),
@@ -130,11 +145,9 @@ def _table(decoder: nn.Module, cache: KVCache) -> Tensor | None:
     if not all(linear._plain(w) and w.dtype == torch.float32 and w.is_contiguous()
                for w in weights):
         return None
-    if any(n.eps != decoder.cfg.norm_eps for l in decoder.layers for n in (l.norm1, l.norm3)):
-        return None
-    rows, held = [], []
+    rows, held, per = [], [], len(weights) // len(decoder.layers)
     for i in range(len(decoder.layers)):
-        t = weights[i * 9 : (i + 1) * 9]
+        t = weights[i * per : (i + 1) * per]
         packed = [t[0], *map(linear.blocked_weight, t[1:5]), t[5],
                   *map(linear.blocked_weight, t[6:])]
         held += packed
