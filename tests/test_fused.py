@@ -15,6 +15,7 @@ from qkv import fused, kernel, linear
 from qkv.attention import record_attention
 from qkv.config import ModelConfig
 from qkv.generate import generate
+from qkv.layers import DecoderLayer, FeedForward
 from qkv.models import DecoderLM
 
 LLAMA = dict(vocab_size=97, d_model=64, n_heads=4, n_kv_heads=2, n_layers=2, d_ff=96,
@@ -114,42 +115,53 @@ def changes(model: DecoderLM):
 
     @torch.no_grad()
     def in_place():
-        layer.self_attn.k_proj.weight.mul_(1.5)
+        layer.self_attn.v_proj.weight.mul_(1.5)
         layer.norm3.weight.add_(0.25)
 
     def assigned():
         layer.ff.fc2.weight = nn.Parameter(torch.randn_like(layer.ff.fc2.weight))
 
     def module_replaced():
-        layer.self_attn.q_proj = nn.Linear(64, 64, bias=False)
+        layer.self_attn.q_proj = nn.Linear(64, 64, bias=False).eval()
 
     def through_data():
         layer.ff.gate.weight.data = torch.randn_like(layer.ff.gate.weight)
 
+    def through_data_twice():  # the second tensor may land where the first one was
+        for _ in range(2):
+            layer.ff.fc1.weight.data = torch.randn_like(layer.ff.fc1.weight)
+
     def through_data_in_place():
-        layer.ff.fc1.weight.data.mul_(2)  # not seen by the version counter...
+        layer.self_attn.k_proj.weight.data.mul_(2)  # not seen by the version counter...
         linear.clear_packed()  # ...which is why linear documents clear_packed()
 
-    return [in_place, assigned, module_replaced, through_data, through_data_in_place]
+    return [in_place, assigned, module_replaced, through_data, through_data_twice,
+            through_data_in_place]
+
+
+def lockstep(model, tokens, change=None, at=2, cache_len=16):
+    """One-token steps through the compiled layers and through the modules, side by side on
+    two caches (so both see the same history), `change` made after `at` steps; compares
+    every step's logits."""
+    B, n = tokens.shape
+    caches = model.make_cache(B, cache_len), model.make_cache(B, cache_len)
+    for t in range(n):
+        if change is not None and t == at:
+            change()
+        with torch.inference_mode():
+            a = model(tokens[:, t : t + 1], cache=caches[0])
+            with fused.disabled():
+                b = model(tokens[:, t : t + 1], cache=caches[1])
+        assert_close(a, b, rtol=1e-5, atol=1e-5,
+                     msg=lambda m, t=t: f"{getattr(change, '__name__', '')}, step {t}: {m}")
 
 
 def test_weights_changed_between_steps_are_used(built, calls):
     model = lm()
-    cache = model.make_cache(2, 32)
-    ref_cache = model.make_cache(2, 32)
-    tok = torch.tensor([[3], [4]])
+    tokens = torch.randint(1, 97, (2, 5))  # varying tokens: every weight shows in the logits
     for change in changes(model):
-        with torch.inference_mode():
-            a = model(tok, cache=cache)
-        change()
-        with torch.inference_mode():
-            a = model(tok, cache=cache)
-            with fused.disabled():
-                model(tok, cache=ref_cache)
-                b = model(tok, cache=ref_cache)
-        assert_close(a, b, rtol=1e-5, atol=1e-5,
-                     msg=lambda m, name=change.__name__: f"{name}: {m}")
-    assert calls["fused"] == 10
+        lockstep(model, tokens, change)
+    assert calls["fused"] == 5 * len(changes(model))
 
 
 def test_reordered_and_shrunk_caches(built, calls):
@@ -277,4 +289,153 @@ def test_avx2_build_gives_the_same_steps(built, calls, tmp_path, monkeypatch):
     monkeypatch.setattr(kernel, "_library", lambda: lib)
     (a, _), (b, _) = steps(lm(n_heads=8, n_kv_heads=1), 5, 3)  # packed anew at 8 floats
     assert calls["fused"] == 3
+    assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+class LoRA(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 2
+
+
+class MyLayer(DecoderLayer):
+    def forward(self, x, *args, **kwargs):
+        return super().forward(x, *args, **kwargs) + 1
+
+
+class Wrapped(nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.inner = layer
+
+    def forward(self, x, *args, **kwargs):
+        return self.inner(x, *args, **kwargs)
+
+
+def rewired(model: DecoderLM):
+    """Changes to the modules that the modules compute and the C code would not."""
+    layers = model.decoder.layers
+
+    def subclassed_linear():
+        old = layers[0].self_attn.v_proj
+        layers[0].self_attn.v_proj = LoRA(64, 32, bias=False).eval()
+        layers[0].self_attn.v_proj.weight = old.weight
+
+    def subclassed_layer():
+        mine = MyLayer(model.cfg, 1, model.decoder.rope, cross=False).eval()
+        mine.load_state_dict(layers[1].state_dict())
+        layers[1] = mine
+
+    def patched_forward():
+        ff = layers[1].ff
+        ff.forward = lambda x: FeedForward.forward(ff, x) * 0.5
+
+    def wrapped_layer():
+        layers[1] = Wrapped(layers[1]).eval()
+
+    def permuted_layers():  # cache slots follow layer_idx, not the list's order
+        layers[0], layers[1] = layers[1], layers[0]
+
+    def narrower_feed_forward():
+        ff = layers[0].ff
+        ff.fc1, ff.gate = nn.Linear(64, 40, bias=False).eval(), nn.Linear(64, 40, bias=False).eval()
+        ff.fc2 = nn.Linear(40, 64, bias=False).eval()
+
+    def training_layer():
+        layers[1].train()
+
+    def parametrized():
+        nn.utils.parametrize.register_parametrization(layers[0].ff.fc2, "weight", Double())
+
+    return [subclassed_linear, subclassed_layer, patched_forward, wrapped_layer,
+            permuted_layers, narrower_feed_forward, training_layer, parametrized]
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return w * 2
+
+
+@pytest.mark.parametrize("which", range(8))
+def test_rewired_modules_go_through_the_modules(built, calls, which):
+    model = lm()
+    change = rewired(model)[which]
+    tokens = torch.randint(1, 97, (2, 4))
+    lockstep(model, tokens, change, at=2)
+    assert calls["fused"] == 2  # the two steps before the change
+
+
+def test_functional_call_weights_are_used(built, calls):
+    """torch.func.functional_call swaps tensors into the modules without registering them:
+    steps after a first one with the model's own weights must use the swapped ones."""
+    model = lm()
+    other = lm()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for w in (other.decoder.layers[1].ff.fc2.weight, other.decoder.layers[1].ff.gate.weight):
+            w.normal_()
+    swapped = {k: v for k, v in other.state_dict().items() if "layers.1.ff" in k}
+    tokens = torch.randint(1, 97, (2, 4))
+    cache, ref = model.make_cache(2, 8), other.make_cache(2, 8)
+    with torch.inference_mode():
+        model(tokens[:, :1], cache=cache)  # builds the address table with its own weights
+        other(tokens[:, :1], cache=ref)  # layer 1's feed-forward changes no cached K/V
+        for t in range(1, 4):
+            a = torch.func.functional_call(model, swapped, (tokens[:, t : t + 1],),
+                                           {"cache": cache})
+            b = other(tokens[:, t : t + 1], cache=ref)
+            assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert calls["fused"] == 8
+
+
+def test_mismatched_inputs_raise_what_the_modules_raise(built, calls):
+    model = lm()
+    tok = torch.randint(1, 97, (4, 1))
+    for ctx in (torch.inference_mode, fused.disabled):  # positions for 2 of 4 sequences
+        with torch.inference_mode(), ctx(), pytest.raises(RuntimeError):
+            model(tok, cache=model.make_cache(4, 4), positions=torch.tensor([[0], [0]]))
+    meta = model.make_cache(4, 4)
+    meta.k = [torch.empty_like(k, device="meta") for k in meta.k]
+    with torch.inference_mode(), pytest.raises((RuntimeError, NotImplementedError)):
+        model(tok, cache=meta)
+    cache = model.make_cache(4, 4)
+    with torch.inference_mode(), pytest.raises(ValueError, match="does not broadcast"):
+        model(tok, cache=cache, mask=torch.ones(1, 1, 1, 1, 1, dtype=torch.bool))
+    assert calls["fused"] == 0
+    with torch.inference_mode():  # a 0-dim mask broadcasts, as through the modules
+        a = model(tok, cache=cache, mask=torch.tensor(True))
+        with fused.disabled():
+            b = model(tok, cache=model.make_cache(4, 4), mask=torch.tensor(True))
+    assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_nothing_is_kept_on_the_model_and_clear_packed_frees(built, calls):
+    import gc
+    import weakref
+
+    model = lm()
+    with torch.inference_mode():
+        model(torch.tensor([[3]]), cache=model.make_cache(1, 4))
+    assert calls["fused"] == 1
+    assert not any("fused" in name for name in vars(model.decoder))  # nothing to pickle
+    packed = weakref.ref(linear.blocked_weight(model.decoder.layers[0].ff.fc2.weight))
+    linear.clear_packed()
+    gc.collect()
+    assert packed() is None
+
+
+@pytest.mark.parametrize("B,H,G,D,prompt,threads", [
+    (64, 2, 1, 32, 3, 2),  # the most sequences
+    (2, 2, 2, 256, 3, 2),  # the widest heads
+    (1, 4, 1, 16, 600, 2),  # one (sequence, kv head) pair: keys cut into chunks
+    (3, 4, 2, 16, 5, 1),  # one thread
+])
+def test_other_sizes(built, calls, B, H, G, D, prompt, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = lm(n_heads=H, n_kv_heads=G, d_model=H * D, norm_eps=1e-3, max_seq_len=640)
+        (a, _), (b, _) = steps(model, B, 2, prompt=prompt)
+    finally:
+        torch.set_num_threads(before)
+    assert calls["fused"] == 2
     assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -130,7 +130,7 @@ def _load(path: Path) -> ctypes.CDLL:
     lib.qkv_silu_mul.argtypes = [p, p, n]
     lib.qkv_silu_mul.restype = None
     fn = lib.qkv_decode_layers
-    fn.argtypes = [p, i, p, i, i, i, i, i, n, n, p, p, n, p, n, ctypes.c_float, i]
+    fn.argtypes = [p, p, i, p, i, i, i, i, i, n, n, p, p, n, p, n, ctypes.c_float, i]
     fn.restype = i
     return lib
 

@@ -73,7 +73,7 @@ PACKED_MIN_BF16_WEIGHT = 1 << 14
 # weight -> {"onednn" or "blocked": ((data_ptr, version), packed copy)}
 _packed: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _switch = threading.local()  # .off: kinds switched off by `packing_disabled()` in this thread
-_generation = 0  # moves whenever packed copies are dropped wholesale (qkv.fused keeps addresses)
+_dropped: list = []  # called when packed copies are dropped wholesale (qkv.fused keeps addresses)
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -177,22 +177,28 @@ def _cached(weight: Tensor, kind: str, make) -> Tensor:
 
 def clear_packed() -> None:
     """Free every packed copy (they are made again at the next use)."""
-    global _generation
-    _generation += 1
     _packed.clear()
+    for forget in _dropped:
+        forget()
 
 
 def _drop_after_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
     """After any optimizer's step, forget the packed copies of the weights it updated."""
-    global _generation
     if _packed:
-        _generation += 1
         for group in optimizer.param_groups:
             for p in group["params"]:
                 _packed.pop(p, None)
+        for forget in _dropped:
+            forget()
 
 
 register_optimizer_step_post_hook(_drop_after_step)
+
+
+def on_packed_dropped(forget) -> None:
+    """Call forget() whenever packed copies are dropped wholesale (`clear_packed`, an
+    optimizer's step): qkv.fused keeps their addresses and lets go of them then."""
+    _dropped.append(forget)
 
 
 KINDS = ("onednn", "blocked")  # the packed copies `linear` makes

@@ -12,9 +12,9 @@
  * cache write, silu, residuals) are loops over a few KB.
  *
  * Shapes (letters of attention.py): x (B, C) contiguous, updated in place; C = H D.
- * table (L, SLOTS) pointers per layer: the two norms' weights (C), the products' weights
- * as kernel.pack_skinny packs them, and the layer's K and V caches (B, G, P, D)
- * contiguous, P positions of which `start` are filled. cos and sin (D) per sequence,
+ * table (L, SLOTS) pointers per layer: the two norms' weights (C) and the products'
+ * weights as kernel.pack_skinny packs them; caches (L, 2): the layer's K and V caches
+ * (B, G, P, D) contiguous, P positions of which `start` are filled. cos and sin (D) per sequence,
  * `rope_b` floats apart (0: shared), sin's first half negated (layers.RotaryEmbedding).
  * keep (B, S = start + 1) bytes, `keep_b` apart (0: shared), or NULL. Loaded by
  * qkv/kernel.py.
@@ -33,7 +33,7 @@ int qkv_decode_attention(
     float scale, int threads);
 void qkv_silu_mul(float *g, const float *u, long n);
 
-enum { NORM1, WQ, WK, WV, WO, NORM2, WG, WU, WD, KCACHE, VCACHE, SLOTS };
+enum { NORM1, WQ, WK, WV, WO, NORM2, WG, WU, WD, SLOTS };
 
 /* y (B, C) <- x / sqrt(mean(x^2) + eps) * w, as torch.nn.RMSNorm */
 static void rms_norm(const float *x, const float *w, float *y, int B, int C, float eps)
@@ -78,7 +78,7 @@ static void add(float *x, const float *y, long n)
 
 /* Returns 0; 1 when memory could not be had (x may then be partly updated). */
 int qkv_decode_layers(
-    const int64_t *table, int L, float *x, int B, int C, int H, int G, int F, long P,
+    const int64_t *table, const int64_t *caches, int L, float *x, int B, int C, int H, int G, int F, long P,
     long start, const float *cos, const float *sin, long rope_b, const uint8_t *keep,
     long keep_b, float eps, int threads)
 {
@@ -93,7 +93,7 @@ int qkv_decode_layers(
     for (int l = 0; l < L && !failed; l++) {
         const int64_t *t = table + (long)l * SLOTS;
 #define W(i) ((const float *)(intptr_t)t[i])
-        float *kc = (float *)(intptr_t)t[KCACHE], *vc = (float *)(intptr_t)t[VCACHE];
+        float *kc = (float *)(intptr_t)caches[2L * l], *vc = (float *)(intptr_t)caches[2L * l + 1];
         rms_norm(x, W(NORM1), h, B, C, eps);
         failed |= qkv_skinny_linear(W(WQ), h, NULL, q, B, C, C, threads);
         failed |= qkv_skinny_linear(W(WK), h, NULL, k, B, C, (int)kv, threads);
