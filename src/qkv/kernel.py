@@ -1,6 +1,7 @@
 """Compiled kernels for decode steps: attention of a few query rows against a long K/V
-cache (csrc/decode_attention.c), and products of a few rows with a weight (csrc/skinny_linear.c,
-used by qkv.linear; see `skinny_linear`).
+cache (csrc/decode_attention.c), products of a few rows with a weight (csrc/skinny_linear.c,
+used by qkv.linear; see `skinny_linear`), and whole Llama-style decoder layers calling both
+(csrc/decode_layers.c, used by qkv.fused).
 
 PyTorch runs a decode step's attention as matrix products of R rows (R = H // G query
 heads per key/value head, times the beams sharing a source); for R from 2 to 64 its

@@ -14,8 +14,9 @@
  * Shapes (letters of attention.py): x (B, C) contiguous, updated in place; C = H D.
  * table (L, SLOTS) pointers per layer: the two norms' weights (C) and the products'
  * weights as kernel.pack_skinny packs them; caches (L, 2): the layer's K and V caches
- * (B, G, P, D) contiguous, P positions of which `start` are filled. cos and sin (D) per sequence,
- * `rope_b` floats apart (0: shared), sin's first half negated (layers.RotaryEmbedding).
+ * (B, G, P, D) contiguous, P positions of which `start` are filled. cos and sin (D) per
+ * sequence, `rope_b` floats apart (0: shared), sin's first half negated
+ * (layers.RotaryEmbedding).
  * keep (B, S = start + 1) bytes, `keep_b` apart (0: shared), or NULL. Loaded by
  * qkv/kernel.py.
  */
@@ -78,8 +79,8 @@ static void add(float *x, const float *y, long n)
 
 /* Returns 0; 1 when memory could not be had (x may then be partly updated). */
 int qkv_decode_layers(
-    const int64_t *table, const int64_t *caches, int L, float *x, int B, int C, int H, int G, int F, long P,
-    long start, const float *cos, const float *sin, long rope_b, const uint8_t *keep,
+    const int64_t *table, const int64_t *caches, int L, float *x, int B, int C, int H, int G,
+    int F, long P, long start, const float *cos, const float *sin, long rope_b, const uint8_t *keep,
     long keep_b, float eps, int threads)
 {
     int D = C / H;
@@ -93,7 +94,8 @@ int qkv_decode_layers(
     for (int l = 0; l < L && !failed; l++) {
         const int64_t *t = table + (long)l * SLOTS;
 #define W(i) ((const float *)(intptr_t)t[i])
-        float *kc = (float *)(intptr_t)caches[2L * l], *vc = (float *)(intptr_t)caches[2L * l + 1];
+        float *kc = (float *)(intptr_t)caches[2L * l];
+        float *vc = (float *)(intptr_t)caches[2L * l + 1];
         rms_norm(x, W(NORM1), h, B, C, eps);
         failed |= qkv_skinny_linear(W(WQ), h, NULL, q, B, C, C, threads);
         failed |= qkv_skinny_linear(W(WK), h, NULL, k, B, C, (int)kv, threads);
