@@ -5,10 +5,14 @@ QKV_REQUIRE_DATA=1 (as in CI)."""
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+
+from qkv import kernel
 
 
 def _require(what: str) -> None:
@@ -40,3 +44,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _cpu_has(flag: str) -> bool:
+    try:
+        return any(line.startswith("flags") and f" {flag} " in line + " "
+                   for line in open("/proc/cpuinfo"))
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def avx2_library(tmp_path_factory):
+    """The compiled kernels built for AVX2 (CI may run on a CPU without AVX-512), loaded;
+    skips off x86-64 CPUs with AVX2, or when the kernels are unavailable here."""
+    if platform.machine() != "x86_64" or not _cpu_has("avx2"):
+        pytest.skip("needs an x86-64 CPU with AVX2")
+    if not kernel.available():
+        pytest.skip("the compiled kernels are unavailable here (QKV_KERNEL=0 or no compiler)")
+    flags = ["-march=x86-64-v3" if f == "-march=native" else f for f in kernel.FLAGS]
+    target = tmp_path_factory.mktemp("avx2") / "avx2.so"
+    done = subprocess.run([os.environ.get("CC", "cc"), *flags, *map(str, kernel.SOURCES),
+                           "-o", str(target), "-lm"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return kernel._load(target)

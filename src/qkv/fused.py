@@ -93,7 +93,8 @@ def _layer_fits(layer: nn.Module, i: int, decoder: nn.Module) -> bool:
             or (a.n_heads, a.n_kv_heads, a.head_dim) != (cfg.n_heads, cfg.n_kv_heads,
                                                          cfg.head_dim)):
         return False
-    norms, linears = (layer.norm1, layer.norm3), _leaves(layer)[1:5] + _leaves(layer)[6:]
+    leaves = _leaves(layer)
+    norms, linears = (leaves[0], leaves[5]), leaves[1:5] + leaves[6:]
     return (all(type(n) is nn.RMSNorm and n.eps == cfg.norm_eps
                 and n.normalized_shape == (cfg.d_model,) for n in norms)
             and all(type(m) in (linear.Linear, nn.Linear) and m.bias is None for m in linears))
